@@ -1,0 +1,36 @@
+# cvarch: the two set-up commands are `make train` and `make test`; both install what they need first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: install train test test-fast lint format clean
+
+install: $(STAMP)  ## venv + editable install with the dev extra (redone only when pyproject.toml changes)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: install  ## train the default model on the embedded digits dataset; ARGS="model=... optimizer.lr=..." are Hydra overrides
+	$(BIN)/cvarch-train $(ARGS)
+
+test: install  ## the whole test suite (slow tests included)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: install  ## the suite without the slow marker
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: install
+	$(BIN)/ruff check cvarch tests scripts
+	$(BIN)/ruff format --check cvarch tests scripts
+
+format: install
+	$(BIN)/ruff check --fix cvarch tests scripts
+	$(BIN)/ruff format cvarch tests scripts
+
+clean:
+	rm -rf $(VENV) logs multirun outputs .cache .pytest_cache .ruff_cache *.egg-info

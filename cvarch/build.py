@@ -1,0 +1,70 @@
+"""Builders: turn a composed config into the objects of a run, the same way for the CLI and the Python API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cvarch.config import scheduler_parts
+from cvarch.data import ImageDataModule
+from cvarch.models import check_input_size
+from cvarch.module import ClassificationModule
+
+
+def build_model(cfg: DictConfig, image_shape: tuple[int, int, int] | None = None, initialize: bool = True) -> nn.Module:
+    """Builds ``cfg.model`` with the ``norm`` group in its norm slots, checks its input size, then applies the
+    ``init`` and ``transfer`` groups.
+
+    Args:
+        cfg: a composed run config.
+        image_shape: (C, H, W) to check the model against; by default taken from ``data.image_size`` if set.
+        initialize: apply ``init`` and ``transfer``; off when a checkpoint's weights replace them anyway.
+    """
+    model = instantiate(cfg.model)
+    if image_shape is None and cfg.data.get("image_size"):
+        image_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    if image_shape is not None:
+        check_input_size(model, image_shape)
+    if initialize:
+        model = instantiate(cfg.init)(model)
+        model = instantiate(cfg.transfer)(model)
+    return model
+
+
+def build_datamodule(cfg: DictConfig, augment: bool = True) -> ImageDataModule:
+    """The ``data`` group's LightningDataModule, with the ``augment`` group's pipeline on training images."""
+    return instantiate(cfg.data, augment=instantiate(cfg.augment) if augment and "augment" in cfg else None)
+
+
+def build_module(cfg: DictConfig, model: nn.Module) -> ClassificationModule:
+    """Wraps ``model`` with the loss, metrics, preprocess, regularizer, optimizer and scheduler of ``cfg``."""
+    scheduler, lightning = scheduler_parts(OmegaConf.to_container(cfg.scheduler, resolve=True))
+    return ClassificationModule(
+        model=model,
+        num_classes=cfg.model.num_classes,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(scheduler) if scheduler else None,
+        scheduler_options=lightning,
+        preprocess=instantiate(cfg.preprocess),
+        regularizer=instantiate(cfg.regularizer),
+        label_smoothing=cfg.loss.label_smoothing,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build_all(node: DictConfig | None) -> list[Any]:
+    """Instantiates every ``_target_`` entry of a dict-of-objects group (``logger``, ``callbacks``)."""
+    if not node:
+        return []
+    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    """The ``trainer`` group's Trainer with the ``logger`` and ``callbacks`` groups attached."""
+    loggers = build_all(cfg.get("logger"))
+    callbacks = build_all(cfg.get("callbacks"))
+    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **kwargs)

@@ -1,0 +1,156 @@
+"""Composing and checking configs: the Python route to exactly the config the CLI builds."""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, named by its dotted key."""
+
+
+def compose(*overrides: str, config_name: str = "train") -> DictConfig:
+    """Returns the config ``cvarch-train <overrides>`` would build, with the run directory filled in.
+
+    Args:
+        *overrides: Hydra overrides, e.g. ``"model=resnet20"``, ``"optimizer.lr=0.05"``.
+        config_name: root config (``train`` or ``eval``).
+    """
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name=f"cvarch_{config_name}"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    # Hydra sets runtime.output_dir when it runs a job; do what it would do, then drop the hydra node as the
+    # CLI's job config does. The output dir is resolved now so later compose() calls cannot change it.
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(Path(cfg.hydra.run.dir).absolute())
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        if "paths" in cfg:
+            cfg.paths.output_dir = cfg.hydra.runtime.output_dir
+        del cfg["hydra"]
+    return cfg
+
+
+def scheduler_parts(scheduler: Mapping[str, Any] | None) -> tuple[dict | None, dict]:
+    """Splits the ``scheduler`` group into the ``torch.optim.lr_scheduler`` partial config and Lightning's keys.
+
+    The ``lightning`` sub-key (``monitor``, ``interval``, ``frequency``) is not a constructor argument.
+    """
+    if not scheduler:
+        return None, {}
+    node = dict(scheduler)
+    lightning = dict(node.pop("lightning", None) or {})
+    return node, lightning
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks every ``_target_`` node's keys and value types against the target's signature, before any work.
+
+    Only clear mismatches are errors: an unknown key where the target takes no ``**kwargs``, or a value whose type
+    cannot match the annotation (``optimizer.lr=abc`` against ``lr: float``). Unknown annotations pass.
+
+    Raises:
+        ConfigError: listing every offending dotted key.
+    """
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    errors: list[str] = []
+    if not isinstance(plain.get("seed", 0), int) or isinstance(plain.get("seed"), bool):
+        errors.append(f"seed: expected an integer, got {plain['seed']!r}")
+    if "scheduler" in plain:
+        plain["scheduler"], lightning = scheduler_parts(plain["scheduler"])
+        if plain["scheduler"] is not None and lightning.get("interval", "epoch") not in ("epoch", "step"):
+            errors.append(f"scheduler.lightning.interval: expected 'epoch' or 'step', got {lightning['interval']!r}")
+    _check(plain, "", errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _check(node: Any, path: str, errors: list[str]) -> None:
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check(item, f"{path}[{i}]", errors)
+        return
+    if not isinstance(node, dict):
+        return
+    if isinstance(node.get("_target_"), str):
+        _check_call(node, path, errors)
+    for key, value in node.items():
+        if not str(key).startswith("_"):
+            _check(value, f"{path}.{key}" if path else str(key), errors)
+
+
+def _check_call(node: dict, path: str, errors: list[str]) -> None:
+    target = node["_target_"]
+    where = f"{path}._target_" if path else "_target_"
+    try:
+        obj = get_object(target)
+    except Exception as err:
+        errors.append(f"{where}: cannot import {target!r} ({err})")
+        return
+    func = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:
+        hints = {}
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in node.items():
+        key = str(key)
+        if key.startswith("_"):
+            continue
+        dotted = f"{path}.{key}" if path else key
+        if key not in params:
+            if not takes_kwargs:
+                errors.append(f"{dotted}: {target} has no parameter {key!r}")
+            continue
+        expected = hints.get(key)
+        if expected is not None and not _matches(value, expected):
+            errors.append(f"{dotted}: expected {_name(expected)}, got {value!r} ({type(value).__name__})")
+
+
+_UNION_TYPES = (typing.Union, types.UnionType)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a config value can be passed where ``annotation`` is expected; lenient where unsure."""
+    if value is None or (isinstance(value, dict) and "_target_" in value):
+        return True  # null is for the target to judge; nested targets are instantiated before the call
+    origin = typing.get_origin(annotation)
+    if origin in _UNION_TYPES:
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    container = origin or annotation
+    if container in (list, tuple, Sequence, typing.Sequence):
+        return isinstance(value, (list, tuple))
+    if container in (dict, Mapping, typing.Mapping):
+        return isinstance(value, dict)
+    return True
+
+
+def _name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

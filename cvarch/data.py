@@ -1,0 +1,427 @@
+"""Datasets as LightningDataModules: decoded once into uint8 tensors, split with a fixed seed, cached on disk.
+
+Every data module yields ``(uint8 image (C, H, W), int64 label)`` samples. Turning pixels into model inputs is
+the job of the ``preprocess`` group (fitted on the training split and saved in the checkpoint), and random
+training-time transforms are the job of the ``augment`` group, applied here to training samples only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+CACHE_VERSION = 1  # bump when the cached layout changes, so old caches are ignored
+
+
+@dataclass
+class Split:
+    """One split of a dataset held in memory.
+
+    Args:
+        images: uint8 tensor (N, C, H, W).
+        targets: int64 tensor (N,).
+    """
+
+    images: torch.Tensor
+    targets: torch.Tensor
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> Split:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.images[index], self.targets[index])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class TensorImageDataset(Dataset):
+    """A map-style dataset over an in-memory :class:`Split`, with an optional per-sample transform.
+
+    Args:
+        split: images and targets.
+        transform: applied to each uint8 (C, H, W) image, e.g. the ``augment`` group's pipeline.
+    """
+
+    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.split.images[i]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.split.targets[i]
+
+
+def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(keep, held_out)`` with ``held_out`` a stratified ``fraction`` of ``targets``."""
+    index = np.arange(len(targets))
+    keep, held = train_test_split(index, test_size=fraction, stratify=targets.numpy(), random_state=seed)
+    return np.sort(keep), np.sort(held)
+
+
+def resize_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Resizes a uint8 (N, C, H, W) batch to ``size``×``size`` (bilinear, antialiased); ``None`` keeps it."""
+    if size is None or tuple(images.shape[-2:]) == (size, size):
+        return images
+    return TF.resize(images, [size, size], antialias=True)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base of every cvarch data module: in-memory uint8 splits, a disk cache, and the three dataloaders.
+
+    Subclasses implement :meth:`load_splits` (and :meth:`fingerprint` if decoding is worth caching).
+
+    Args:
+        num_classes: number of classes; checked against the data.
+        channels: image channels (1 grayscale, 3 RGB).
+        image_size: side in pixels that images are resized to once, when loaded; ``None`` keeps their size.
+        split_seed: seed of every carved split, fixed so that all runs of a sweep share one split.
+        batch_size: images per step.
+        num_workers: DataLoader worker processes.
+        pin_memory: page-locked batches; ``None`` means "when CUDA is available".
+        cache_dir: folder of the decoded-tensor cache.
+        augment: per-sample transform of training images (the ``augment`` group); ``None`` for none.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        channels: int,
+        image_size: int | None = None,
+        split_seed: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        cache_dir: str | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"data.image_size must be a positive number of pixels, got {image_size}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.num_classes = num_classes
+        self.channels = channels
+        self.image_size = image_size
+        self.split_seed = split_seed
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.augment = augment
+        self.splits: dict[str, Split] | None = None
+        self.classes: list[str] = [str(i) for i in range(num_classes)]
+
+    # --- what subclasses provide -------------------------------------------------------------------------
+    def load_splits(self) -> dict[str, Split]:
+        """Returns ``{"train", "val", "test"}`` splits of uint8 images at ``image_size`` (or native size)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str | None:
+        """A string that changes whenever the source data changes; ``None`` disables the disk cache."""
+        return None
+
+    # --- Lightning hooks -------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        splits = self._cached(self.load_splits)
+        for name, split in splits.items():
+            if split.images.dtype != torch.uint8 or split.images.ndim != 4:
+                raise TypeError(f"{type(self).__name__}: split {name!r} must be uint8 (N, C, H, W)")
+            if split.images.shape[1] != self.channels:
+                raise ValueError(
+                    f"data.channels={self.channels} but the {name} images have {split.images.shape[1]} channels"
+                )
+            if len(split) and int(split.targets.max()) >= self.num_classes:
+                raise ValueError(
+                    f"data.num_classes={self.num_classes} but the {name} split has label {int(split.targets.max())}"
+                )
+        self.splits = splits
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model receives."""
+        self.setup()
+        return tuple(self.splits["train"].images.shape[1:])
+
+    @property
+    def train_images(self) -> torch.Tensor:
+        """The uint8 training images, which the ``preprocess`` group fits its statistics on."""
+        self.setup()
+        return self.splits["train"].images
+
+    def dataloader(self, split: str, shuffle: bool = False, augment: bool = False) -> DataLoader:
+        """A DataLoader over one split (``train``, ``val`` or ``test``)."""
+        self.setup()
+        if split not in self.splits:
+            raise KeyError(f"unknown split {split!r}; expected one of {sorted(self.splits)}")
+        dataset = TensorImageDataset(self.splits[split], self.augment if augment else None)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.dataloader("train", shuffle=True, augment=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    # --- the disk cache --------------------------------------------------------------------------------
+    def _cached(self, load: Callable[[], dict[str, Split]]) -> dict[str, Split]:
+        key = self.fingerprint()
+        if key is None or self.cache_dir is None:
+            return load()
+        digest = hashlib.sha256(f"{CACHE_VERSION}|{type(self).__name__}|{key}".encode()).hexdigest()[:20]
+        path = self.cache_dir / f"{type(self).__name__}-{digest}.pt"
+        if path.exists():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            self.classes = blob["classes"]
+            return {name: Split(images, targets) for name, (images, targets) in blob["splits"].items()}
+        splits = load()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        blob = {"classes": self.classes, "splits": {n: (s.images, s.targets) for n, s in splits.items()}}
+        torch.save(blob, tmp)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        return splits
+
+
+def carve(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Splits ``train`` into (rest, held-out) with a stratified ``fraction`` held out."""
+    keep, held = stratified_split(train.targets, fraction, seed)
+    return train.subset(keep), train.subset(held)
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels), the default: real data, no download.
+
+    Alpaydin & Kaynak 1998, UCI optdigits. Pixels 0–16 are mapped linearly to 0–255.
+
+    Args:
+        val_fraction: stratified share of all images used for validation.
+        test_fraction: stratified share of all images used for testing.
+        **kwargs: see :class:`ImageDataModule`.
+    """
+
+    def __init__(self, val_fraction: float = 0.15, test_fraction: float = 0.15, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+
+    def load_splits(self) -> dict[str, Split]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+        full = Split(resize_images(images, self.image_size), torch.from_numpy(digits.target).long())
+        rest, test = carve(full, self.test_fraction, self.split_seed)
+        train, val = carve(rest, self.val_fraction / (1.0 - self.test_fraction), self.split_seed)
+        return {"train": train, "val": val, "test": test}
+
+
+class CIFARDataModule(ImageDataModule):
+    """CIFAR-10 / CIFAR-100 through torchvision (Krizhevsky 2009), with the official test split.
+
+    Args:
+        name: ``cifar10`` or ``cifar100``.
+        root: torchvision's download folder.
+        download: download the archive if it is missing.
+        val_size: images carved from the training split for validation (stratified).
+        **kwargs: see :class:`ImageDataModule`.
+    """
+
+    def __init__(self, name: str = "cifar10", root: str = "data", download: bool = True, val_size: int = 5000,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        if name not in ("cifar10", "cifar100"):
+            raise ValueError(f"data.name must be cifar10 or cifar100, got {name!r}")
+        self.name = name
+        self.root = root
+        self.download = download
+        self.val_size = val_size
+
+    def prepare_data(self) -> None:
+        self._dataset(train=True)
+        self._dataset(train=False)
+
+    def _dataset(self, train: bool):
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
+        return cls(self.root, train=train, download=self.download)
+
+    def load_splits(self) -> dict[str, Split]:
+        def to_split(ds) -> Split:
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32) uint8
+            return Split(resize_images(images, self.image_size), torch.tensor(ds.targets, dtype=torch.long))
+
+        train_ds = self._dataset(train=True)
+        self.classes = list(train_ds.classes)
+        full = to_split(train_ds)
+        train, val = carve(full, self.val_size / len(full), self.split_seed)
+        return {"train": train, "val": val, "test": to_split(self._dataset(train=False))}
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def decode_image_file(path: Path, channels: int, size: int | None) -> torch.Tensor:
+    """Decodes one image file to uint8 (C, H, W), resized to ``size`` if given.
+
+    Raises:
+        ValueError: naming the file, if it is not a decodable image.
+    """
+    from torchvision.io import ImageReadMode, decode_image
+
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    try:
+        image = decode_image(str(path), mode=mode)
+    except (RuntimeError, ValueError):
+        try:  # formats torchvision.io cannot read (BMP, TIFF, PPM) go through Pillow
+            from PIL import Image
+
+            with Image.open(path) as im:
+                array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+            image = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+        except Exception as err:
+            raise ValueError(f"not a decodable image: {path} ({type(err).__name__}: {err})") from None
+    if size is not None:
+        image = resize_images(image.unsqueeze(0), size)[0]
+    return image
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """An image-folder tree ``root/{train,val,test}/<class>/<image>``; missing val/test are carved from train.
+
+    Images are decoded once (in threads) into uint8 tensors and cached on disk; the cache key covers every
+    file's path, size and modification time, so a changed file invalidates it.
+
+    Args:
+        root: folder holding ``train/`` and optionally ``val/`` and ``test/``.
+        val_fraction: stratified share of ``train/`` held out for validation when ``val/`` is absent.
+        test_fraction: stratified share of ``train/`` held out for testing when ``test/`` is absent.
+        max_per_class: keep only the first N files (sorted by name) of each class; ``None`` keeps all.
+        **kwargs: see :class:`ImageDataModule`.
+    """
+
+    def __init__(self, root: str, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 max_per_class: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.root: image folder {self.root} does not exist")
+        if not (self.root / "train").is_dir():
+            raise FileNotFoundError(f"data.root: {self.root} has no train/ folder (expected root/train/<class>/...)")
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.max_per_class = max_per_class
+        self.classes = sorted(d.name for d in (self.root / "train").iterdir() if d.is_dir())
+        if len(self.classes) != self.num_classes:
+            raise ValueError(
+                f"data.num_classes={self.num_classes} but {self.root / 'train'} has {len(self.classes)} "
+                f"class folders: {self.classes[:10]}{' …' if len(self.classes) > 10 else ''}"
+            )
+        self._files = {name: self._scan(name) for name in ("train", "val", "test") if (self.root / name).is_dir()}
+
+    def _scan(self, split: str) -> list[tuple[Path, int]]:
+        """``(file, label)`` pairs of one split folder; hidden files are skipped, every other file counts."""
+        folder = self.root / split
+        unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in self.classes)
+        if unknown:
+            raise ValueError(f"{folder} has class folders that train/ lacks: {unknown}")
+        files = []
+        for label, name in enumerate(self.classes):
+            if not (folder / name).is_dir():
+                continue
+            paths = sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+            files += [(p, label) for p in paths[: self.max_per_class]]
+        if not files:
+            raise ValueError(f"{folder} holds no image files")
+        return files
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.image_size}|{self.channels}".encode())
+        for split, files in self._files.items():
+            for path, label in files:
+                st = path.stat()
+                h.update(f"{split}|{path.relative_to(self.root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def _decode(self, files: Sequence[tuple[Path, int]]) -> Split:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            images = list(pool.map(lambda f: decode_image_file(f[0], self.channels, self.image_size), files))
+        first = images[0].shape
+        for (path, _), image in zip(files, images, strict=True):
+            if image.shape != first:
+                raise ValueError(
+                    f"{path} is {tuple(image.shape[1:])} but {files[0][0]} is {tuple(first[1:])}: "
+                    "set data.image_size to resize all images to one size"
+                )
+        return Split(torch.stack(images), torch.tensor([label for _, label in files], dtype=torch.long))
+
+    def load_splits(self) -> dict[str, Split]:
+        decoded = {name: self._decode(files) for name, files in self._files.items()}
+        train = decoded["train"]
+        if "test" not in decoded:
+            train, decoded["test"] = carve(train, self.test_fraction, self.split_seed)
+        if "val" not in decoded:
+            share = self.val_fraction / (1.0 - (self.test_fraction if "test" not in self._files else 0.0))
+            train, decoded["val"] = carve(train, share, self.split_seed)
+        decoded["train"] = train
+        return decoded
+
+
+class FakeDataModule(ImageDataModule):
+    """torchvision's FakeData: random images and labels, for smoke tests; accuracy stays at chance.
+
+    Args:
+        train_size: images in the training split.
+        val_size: images in the validation split.
+        test_size: images in the test split.
+        **kwargs: see :class:`ImageDataModule`; ``image_size`` is required.
+    """
+
+    def __init__(self, train_size: int = 256, val_size: int = 64, test_size: int = 64, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self.image_size is None:
+            raise ValueError("data.image_size is required for data=fake")
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+
+    def load_splits(self) -> dict[str, Split]:
+        from torchvision.datasets import FakeData
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        splits, offset = {}, self.split_seed * 1_000_003
+        for name, size in self.sizes.items():
+            ds = FakeData(size, (self.channels, self.image_size, self.image_size), self.num_classes,
+                          random_offset=offset)
+            offset += size
+            pairs = [ds[i] for i in range(size)]
+            images = torch.stack([pil_to_tensor(img) for img, _ in pairs])
+            if images.shape[1] != self.channels:  # FakeData gives PIL "L" or "RGB"
+                images = images.expand(-1, self.channels, -1, -1).contiguous()
+            splits[name] = Split(images, torch.tensor([int(t) for _, t in pairs], dtype=torch.long))
+        return splits

@@ -1,0 +1,81 @@
+"""The ``model`` group: one file per architecture family; variants are YAML data in ``conf/model/``.
+
+:func:`check_input_size` is the build-time guard every model gets: an input too small for an architecture is a
+``ValueError`` naming the layer where the spatial size collapses, never a shape error mid-training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+def _probe(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, str] | None:
+    """Runs ``model`` on a meta-device input of ``shape``; returns ``(failing layer, error)``, or ``None``.
+
+    Parameters and buffers are swapped for meta tensors, so no memory is used and no FLOP is spent.
+    """
+    names = {m: n or type(model).__name__ for n, m in model.named_modules()}
+    stack: list[str] = []
+    failed: list[str] = []
+
+    def enter(module, args):
+        stack.append(names[module])
+
+    def leave(module, args, output):
+        if isinstance(output, torch.Tensor) and output.ndim == 4 and 0 in output.shape[-2:]:
+            failed.append(names[module])
+            raise _Collapsed
+        stack.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    hooks += [m.register_forward_hook(leave) for m in model.modules()]
+    tensors = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+    was_training = model.training
+    model.eval()
+    try:
+        functional_call(model, tensors, (torch.empty(shape, device="meta"),), strict=False)
+        return None
+    except _Collapsed:
+        return failed[-1], "spatial size 0"
+    except RuntimeError as err:
+        return (stack[-1] if stack else type(model).__name__), str(err).splitlines()[0]
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+
+class _Collapsed(Exception):
+    pass
+
+
+def check_input_size(model: nn.Module, image_shape: tuple[int, int, int]) -> None:
+    """Checks that ``model`` accepts (C, H, W) images, before any training.
+
+    Args:
+        model: a built model.
+        image_shape: (channels, height, width) of the images the model will get.
+
+    Raises:
+        ValueError: naming the layer where the spatial size collapses and the smallest square size that works.
+    """
+    channels, height, width = image_shape
+    failure = _probe(model, (1, channels, height, width))
+    if failure is None:
+        return
+    layer, error = failure
+    low, high = max(height, width) + 1, 4096
+    if _probe(model, (1, channels, high, high)) is not None:
+        raise ValueError(f"{type(model).__name__} fails on {channels}×{height}×{width} input at layer '{layer}': {error}")
+    while low < high:  # output size only grows with input size, so bisect
+        mid = (low + high) // 2
+        if _probe(model, (1, channels, mid, mid)) is None:
+            high = mid
+        else:
+            low = mid + 1
+    raise ValueError(
+        f"input {height}×{width}×{channels} is too small for {type(model).__name__}: the spatial size collapses "
+        f"at layer '{layer}'; the smallest square input that works is {low}×{low} (set data.image_size)"
+    )

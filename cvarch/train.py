@@ -1,0 +1,95 @@
+"""``cvarch-train``: one training job, as a plain function :func:`train` wrapped by a thin ``@hydra.main``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from cvarch.build import build_datamodule, build_model, build_module, build_trainer
+from cvarch.config import CONFIG_DIR, validate
+
+METRIC_KEYS = ("train/loss", "val/acc", "val/acc_top5", "test/acc", "test/acc_top5")
+
+
+def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
+    """Writes ``metrics.json`` to the run directory and returns its path."""
+    path = Path(output_dir) / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """Closes each logger's run, so every job of a multirun is its own W&B run."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish()
+        else:
+            logger.finalize("success")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Trains, validates and tests the best checkpoint of one run; writes config.yaml and metrics.json.
+
+    Everything that can fail on bad input (config types, data paths, undecodable files, input size) is checked
+    before the first training step.
+
+    Args:
+        cfg: a composed config (from ``cvarch.compose`` or ``@hydra.main``).
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    start = time.perf_counter()
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml")
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = build_model(cfg, image_shape=datamodule.image_shape)
+    module = build_module(cfg, model)
+    trainer = build_trainer(cfg)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        best = trainer.checkpoint_callback.best_model_path if isinstance(
+            trainer.checkpoint_callback, ModelCheckpoint) else ""
+        ckpt = best or None
+        train_loss = trainer.callback_metrics.get("train/loss")
+        val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=True)[0]
+    finally:
+        finish_loggers(trainer)
+    metrics = {
+        "train/loss": float(train_loss) if train_loss is not None else None,
+        **{k: float(v) for k, v in {**val, **test}.items() if k in METRIC_KEYS},
+        "epochs": trainer.current_epoch,
+        "wall_s": round(time.perf_counter() - start, 2),
+        "params": sum(p.numel() for p in model.parameters()),
+        "best_ckpt": best or None,
+        "output_dir": str(output_dir),
+    }
+    write_metrics(metrics, output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """``cvarch-train [overrides]``; the last line printed is the run directory."""
+    metrics = train(cfg)
+    print(metrics["output_dir"])
+    return metrics["val/acc"]  # what a Hydra sweeper optimizes
+
+
+if __name__ == "__main__":
+    main()
