@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 from torch import nn
 
 from cvarch.config import scheduler_parts
@@ -67,4 +68,6 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     """The ``trainer`` group's Trainer with the ``logger`` and ``callbacks`` groups attached."""
     loggers = build_all(cfg.get("logger"))
     callbacks = build_all(cfg.get("callbacks"))
+    if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; logger=none just drops it
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **kwargs)

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -100,16 +101,9 @@ def _check_call(node: dict, path: str, errors: list[str]) -> None:
     except Exception as err:
         errors.append(f"{where}: cannot import {target!r} ({err})")
         return
-    func = obj.__init__ if inspect.isclass(obj) else obj
-    try:
-        params = inspect.signature(obj).parameters
-    except (TypeError, ValueError):
+    params, hints, takes_kwargs = _signature(obj)
+    if params is None:
         return
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:
-        hints = {}
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in node.items():
         key = str(key)
         if key.startswith("_"):
@@ -122,6 +116,35 @@ def _check_call(node: dict, path: str, errors: list[str]) -> None:
         expected = hints.get(key)
         if expected is not None and not _matches(value, expected):
             errors.append(f"{dotted}: expected {_name(expected)}, got {value!r} ({type(value).__name__})")
+
+
+def _signature(obj: Any) -> tuple[dict[str, inspect.Parameter] | None, dict[str, Any], bool]:
+    """Parameters, type hints and whether ``**kwargs`` is taken. cvarch's own classes forward ``**kwargs`` to
+    their base class, so for them the MRO is followed and the bases' parameters are checked too."""
+    funcs = [obj]
+    if inspect.isclass(obj):  # the class itself, then the __init__ of each cvarch base it forwards to
+        funcs += [c.__init__ for c in obj.__mro__[1:] if "__init__" in vars(c) and c.__module__.startswith("cvarch")]
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for func in funcs:
+        try:
+            own = inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            return None, {}, True
+        try:
+            own_hints = typing.get_type_hints(func.__init__ if inspect.isclass(func) else func)
+        except Exception:
+            own_hints = {}
+        for name, param in own.items():
+            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL) and name != "self":
+                params.setdefault(name, param)
+                if name in own_hints:
+                    hints.setdefault(name, own_hints[name])
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            return params, hints, False
+        if not getattr(func, "__module__", "").startswith("cvarch"):
+            break
+    return params, hints, True
 
 
 _UNION_TYPES = (typing.Union, types.UnionType)
@@ -144,6 +167,8 @@ def _matches(value: Any, annotation: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
+    if annotation is torch.Tensor:  # e.g. SGD's lr: float | Tensor; a config can only give a number
+        return isinstance(value, (int, float))
     container = origin or annotation
     if container in (list, tuple, Sequence, typing.Sequence):
         return isinstance(value, (list, tuple))

@@ -209,8 +209,19 @@ class ImageDataModule(pl.LightningDataModule):
         return splits
 
 
-def carve(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Splits ``train`` into (rest, held-out) with a stratified ``fraction`` held out."""
+def carve(train: Split, fraction: float, seed: int, key: str = "fraction") -> tuple[Split, Split]:
+    """Splits ``train`` into (rest, held-out) with a stratified ``fraction`` held out.
+
+    Raises:
+        ValueError: naming ``key`` when the held-out part cannot hold one image of every class.
+    """
+    classes = int(train.targets.unique().numel())
+    held = round(fraction * len(train))
+    if not 0 < fraction < 1 or held < classes or len(train) - held < classes:
+        raise ValueError(
+            f"{key}: holding out {held} of {len(train)} images cannot give a stratified split of "
+            f"{classes} classes (each side needs at least one image per class)"
+        )
     keep, held = stratified_split(train.targets, fraction, seed)
     return train.subset(keep), train.subset(held)
 
@@ -237,8 +248,8 @@ class DigitsDataModule(ImageDataModule):
         digits = load_digits()
         images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
         full = Split(resize_images(images, self.image_size), torch.from_numpy(digits.target).long())
-        rest, test = carve(full, self.test_fraction, self.split_seed)
-        train, val = carve(rest, self.val_fraction / (1.0 - self.test_fraction), self.split_seed)
+        rest, test = carve(full, self.test_fraction, self.split_seed, "data.test_fraction")
+        train, val = carve(rest, self.val_fraction / (1.0 - self.test_fraction), self.split_seed, "data.val_fraction")
         return {"train": train, "val": val, "test": test}
 
 
@@ -281,7 +292,7 @@ class CIFARDataModule(ImageDataModule):
         train_ds = self._dataset(train=True)
         self.classes = list(train_ds.classes)
         full = to_split(train_ds)
-        train, val = carve(full, self.val_size / len(full), self.split_seed)
+        train, val = carve(full, self.val_size / len(full), self.split_seed, "data.val_size")
         return {"train": train, "val": val, "test": to_split(self._dataset(train=False))}
 
 
@@ -386,10 +397,10 @@ class ImageFolderDataModule(ImageDataModule):
         decoded = {name: self._decode(files) for name, files in self._files.items()}
         train = decoded["train"]
         if "test" not in decoded:
-            train, decoded["test"] = carve(train, self.test_fraction, self.split_seed)
+            train, decoded["test"] = carve(train, self.test_fraction, self.split_seed, "data.test_fraction")
         if "val" not in decoded:
             share = self.val_fraction / (1.0 - (self.test_fraction if "test" not in self._files else 0.0))
-            train, decoded["val"] = carve(train, share, self.split_seed)
+            train, decoded["val"] = carve(train, share, self.split_seed, "data.val_fraction")
         decoded["train"] = train
         return decoded
 

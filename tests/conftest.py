@@ -1,0 +1,87 @@
+"""Shared fixtures: configs composed into a temporary folder, tiny image trees, and the real CIFAR-10 folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+import cvarch
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tmp_overrides(tmp_path: Path) -> list[str]:
+    """Overrides that keep a run's logs and caches inside ``tmp_path``."""
+    return [f"paths.log_dir={tmp_path}/logs", f"paths.cache_dir={tmp_path}/cache"]
+
+
+@pytest.fixture
+def compose_tmp(tmp_path):
+    """``compose_tmp(*overrides)``: cvarch.compose with logs and caches in the test's tmp folder."""
+
+    def _compose(*overrides: str):
+        return cvarch.compose(*tmp_overrides(tmp_path), *overrides)
+
+    return _compose
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Runs a console script of this venv (``cvarch-train``, ``cvarch-eval``) and returns the CompletedProcess."""
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=cwd or ROOT,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def make_image_tree(root: Path, classes=("cat", "dog", "fox"), per_class: int = 10, size: int = 12,
+                    split: str = "train") -> Path:
+    """Writes ``root/<split>/<class>/<i>.png``: each class a distinct mean colour plus noise."""
+    gen = torch.Generator().manual_seed(0)
+    for label, name in enumerate(classes):
+        folder = root / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = torch.randint(0, 40, (3, size, size), generator=gen)
+            image = (noise + 60 * label).clamp(0, 255).to(torch.uint8)
+            write_png(image, str(folder / f"{i:03d}.png"))
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    return make_image_tree(tmp_path / "tree")
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    """The real CIFAR-10 image folder (``$CVARCH_DATA_DIR/cifar10``); skips where it is not provided."""
+    data_dir = os.environ.get("CVARCH_DATA_DIR")
+    if not data_dir:
+        pytest.skip("CVARCH_DATA_DIR is not set: no real CIFAR-10 image folder on this machine")
+    root = Path(data_dir) / "cifar10"
+    if not (root / "train").is_dir():
+        pytest.skip(f"CVARCH_DATA_DIR={data_dir} has no cifar10/train folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """One real ``cvarch-train`` run of the default config (what ``make train`` runs), shared by several tests."""
+    tmp = tmp_path_factory.mktemp("default_run")
+    proc = run_cli("cvarch-train", *tmp_overrides(tmp))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    output_dir = Path(proc.stdout.strip().splitlines()[-1])
+    return {"proc": proc, "output_dir": output_dir, "tmp": tmp}
+
+

@@ -1,0 +1,128 @@
+"""Every option of every config group composes and instantiates; bad config values fail before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from cvarch.build import build_all, build_datamodule, build_model, build_module
+from cvarch.config import CONFIG_DIR, ConfigError, compose, validate
+from tests.conftest import make_image_tree, run_cli
+
+OPTIONS = sorted(
+    (p.parent.name, p.stem) for p in Path(CONFIG_DIR).glob("*/*.yaml") if p.parent.name != "hydra"
+)
+
+
+def test_every_group_of_the_defaults_list_has_options():
+    groups = {g for g, _ in OPTIONS}
+    expected = {"data", "model", "init", "norm", "augment", "preprocess", "regularizer", "optimizer", "scheduler",
+                "transfer", "trainer", "logger", "callbacks", "paths", "experiment", "debug"}
+    assert expected <= groups
+
+
+def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
+    """Instantiates what ``group=option`` builds and uses it once."""
+    if group == "data":
+        datamodule = build_datamodule(cfg)
+        assert datamodule.num_classes == cfg.data.num_classes
+        if option in ("digits", "fake", "imagefolder"):
+            x, y = next(iter(datamodule.train_dataloader()))
+            assert x.dtype == torch.uint8 and x.shape[1] == cfg.data.channels
+    elif group == "model":
+        model = build_model(cfg)
+        size = cfg.data.image_size or 32
+        out = model(torch.randn(2, cfg.data.channels, size, size))
+        assert out.shape == (2, cfg.model.num_classes)
+    elif group in ("init", "transfer"):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        assert instantiate(cfg[group])(model) is model
+    elif group == "norm":
+        layer = instantiate(cfg.norm)(8)
+        assert layer(torch.randn(2, 8, 4, 4)).shape == (2, 8, 4, 4)
+    elif group == "augment":
+        image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+        assert instantiate(cfg.augment)(image).shape == image.shape
+    elif group == "preprocess":
+        images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+        pre = instantiate(cfg.preprocess)
+        pre.fit(images)
+        assert pre(images).dtype == torch.float32
+    elif group == "regularizer":
+        penalty = instantiate(cfg.regularizer)(torch.nn.Linear(3, 2))
+        assert penalty is None or torch.isfinite(penalty)
+    elif group in ("optimizer", "scheduler"):
+        module = build_module(cfg, build_model(cfg))
+        opts = module.configure_optimizers()
+        optimizer = opts["optimizer"] if isinstance(opts, dict) else opts
+        assert isinstance(optimizer, torch.optim.Optimizer)
+    elif group == "trainer":
+        if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+            pytest.skip("trainer=gpu needs a CUDA device")
+        instantiate(cfg.trainer, logger=False)
+    elif group in ("logger", "callbacks"):
+        build_all(cfg[group])
+    else:  # paths, experiment, debug: their job is to compose; the resolved config must validate
+        OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(group, option, compose_tmp, tmp_path):
+    cfg = compose_tmp(f"{group}={option}")
+    if cfg.data._target_.endswith("ImageFolderDataModule"):  # a tiny generated tree stands in for the root
+        cfg.data.root = str(make_image_tree(tmp_path / "tree", classes=[str(i) for i in range(10)], per_class=12))
+    validate(cfg)
+    _exercise(group, option, cfg, tmp_path)
+
+
+def test_key_interpolations_the_later_issues_rely_on(compose_tmp):
+    cfg = compose_tmp("data.num_classes=7")
+    assert cfg.model.num_classes == 7  # model.num_classes follows data.num_classes …
+    cfg = compose_tmp("model.num_classes=1000")
+    assert cfg.model.num_classes == 1000 and cfg.data.num_classes == 10  # … unless overridden
+    for key in ("data.image_size", "data.batch_size", "trainer.max_epochs", "seed", "ckpt_path"):
+        assert OmegaConf.select(cfg, key, default="MISSING") != "MISSING", key
+
+
+def test_wrong_type_is_named_before_training(compose_tmp):
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: expected float"):
+        validate(compose_tmp("optimizer.lr=abc"))
+    with pytest.raises(ConfigError, match=r"scheduler\.mode"):
+        validate(compose_tmp("scheduler.mode=maximum"))
+    with pytest.raises(ConfigError, match=r"data\.batch_size: expected int"):
+        validate(compose_tmp("data.batch_size=big"))
+    with pytest.raises(ConfigError, match=r"seed"):
+        validate(compose_tmp("seed=one"))
+
+
+def test_unknown_key_of_a_target_is_named(compose_tmp):
+    cfg = compose_tmp("+optimizer.momentun=0.9")
+    with pytest.raises(ConfigError, match=r"optimizer\.momentun: torch\.optim\.SGD has no parameter"):
+        validate(cfg)
+
+
+def test_cli_wrong_type_fails_before_any_run_dir_is_filled(tmp_path):
+    proc = run_cli("cvarch-train", "optimizer.lr=abc", "logger=none", f"paths.log_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "optimizer.lr: expected float" in proc.stderr
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
+
+
+def test_cli_unknown_option_lists_the_valid_choices(tmp_path):
+    proc = run_cli("cvarch-train", "model=resnet21", f"paths.log_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "Could not find 'model/resnet21'" in proc.stderr
+    assert "Available options in 'model'" in proc.stderr and "resnet20" in proc.stderr
+
+
+def test_compose_is_what_the_cli_builds(default_run):
+    written = OmegaConf.load(default_run["output_dir"] / "config.yaml")
+    composed = compose(f"paths.log_dir={default_run['tmp']}/logs", f"paths.cache_dir={default_run['tmp']}/cache")
+    OmegaConf.resolve(composed)
+    # the run directory's timestamp is the only difference
+    texts = [OmegaConf.to_yaml(c).replace(c.paths.output_dir, "<run dir>") for c in (written, composed)]
+    assert texts[0] == texts[1]

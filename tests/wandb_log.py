@@ -1,0 +1,65 @@
+"""Reads back what an offline W&B run wrote: the records of its ``run-<id>.wandb`` transaction log.
+
+The file is a LevelDB-style log (wandb's ``datastore`` format): a 7-byte file header (":W&B", magic, version),
+then 32 KiB blocks of records, each with a 7-byte header (crc32, length, type) and a protobuf ``Record``
+payload, split FIRST/MIDDLE/LAST across blocks when long.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32768
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: str | Path) -> list[pb.Record]:
+    """Every protobuf Record in a ``.wandb`` file, in order."""
+    data = Path(path).read_bytes()
+    ident, _magic, _version = struct.unpack("<4sHB", data[:HEADER])
+    assert ident == b":W&B", f"{path} is not a W&B transaction log"
+    out, pos, pending = [], HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # the tail of a block too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        payload = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 0 and length == 0:  # zero padding
+            continue
+        pending = payload if kind in (FULL, FIRST) else pending + payload
+        if kind in (FULL, LAST):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+            pending = b""
+    return out
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def history(path: str | Path) -> list[dict[str, object]]:
+    """The logged history rows (``wandb.log`` calls), decoded from JSON."""
+    rows = []
+    for r in records(path):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({_key(i): json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def config(path: str | Path) -> dict[str, object]:
+    """The run config as logged (last value of each key)."""
+    out: dict[str, object] = {}
+    for r in records(path):
+        if r.WhichOneof("record_type") == "config":
+            out.update({_key(i): json.loads(i.value_json) for i in r.config.update})
+    return out
