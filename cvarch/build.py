@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from torch import nn
@@ -15,8 +18,27 @@ from cvarch.data import ImageDataModule
 from cvarch.models import check_input_size
 from cvarch.module import ClassificationModule
 
+PACKAGE_DIR = Path(__file__).resolve().parent
 
-def build_model(cfg: DictConfig, image_shape: tuple[int, int, int] | None = None, initialize: bool = True) -> nn.Module:
+
+def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but an error raised by cvarch's own code (whose message already names its
+    config key) comes out as itself, not wrapped in Hydra's InstantiationException."""
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if cause is not None and any(
+            Path(frame.filename).is_relative_to(PACKAGE_DIR)
+            for frame in traceback.extract_tb(cause.__traceback__)
+        ):
+            raise cause from None
+        raise
+
+
+def build_model(
+    cfg: DictConfig, image_shape: tuple[int, int, int] | None = None, initialize: bool = True
+) -> nn.Module:
     """Builds ``cfg.model`` with the ``norm`` group in its norm slots, checks its input size, then applies the
     ``init`` and ``transfer`` groups.
 

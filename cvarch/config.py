@@ -73,7 +73,9 @@ def validate(cfg: DictConfig) -> None:
     if "scheduler" in plain:
         plain["scheduler"], lightning = scheduler_parts(plain["scheduler"])
         if plain["scheduler"] is not None and lightning.get("interval", "epoch") not in ("epoch", "step"):
-            errors.append(f"scheduler.lightning.interval: expected 'epoch' or 'step', got {lightning['interval']!r}")
+            errors.append(
+                f"scheduler.lightning.interval: expected 'epoch' or 'step', got {lightning['interval']!r}"
+            )
     _check(plain, "", errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
@@ -123,7 +125,9 @@ def _signature(obj: Any) -> tuple[dict[str, inspect.Parameter] | None, dict[str,
     their base class, so for them the MRO is followed and the bases' parameters are checked too."""
     funcs = [obj]
     if inspect.isclass(obj):  # the class itself, then the __init__ of each cvarch base it forwards to
-        funcs += [c.__init__ for c in obj.__mro__[1:] if "__init__" in vars(c) and c.__module__.startswith("cvarch")]
+        funcs += [
+            c.__init__ for c in obj.__mro__[1:] if "__init__" in vars(c) and c.__module__.startswith("cvarch")
+        ]
     params: dict[str, inspect.Parameter] = {}
     hints: dict[str, Any] = {}
     for func in funcs:

@@ -249,7 +249,9 @@ class DigitsDataModule(ImageDataModule):
         images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
         full = Split(resize_images(images, self.image_size), torch.from_numpy(digits.target).long())
         rest, test = carve(full, self.test_fraction, self.split_seed, "data.test_fraction")
-        train, val = carve(rest, self.val_fraction / (1.0 - self.test_fraction), self.split_seed, "data.val_fraction")
+        train, val = carve(
+            rest, self.val_fraction / (1.0 - self.test_fraction), self.split_seed, "data.val_fraction"
+        )
         return {"train": train, "val": val, "test": test}
 
 
@@ -264,8 +266,9 @@ class CIFARDataModule(ImageDataModule):
         **kwargs: see :class:`ImageDataModule`.
     """
 
-    def __init__(self, name: str = "cifar10", root: str = "data", download: bool = True, val_size: int = 5000,
-                 **kwargs) -> None:
+    def __init__(
+        self, name: str = "cifar10", root: str = "data", download: bool = True, val_size: int = 5000, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if name not in ("cifar10", "cifar100"):
             raise ValueError(f"data.name must be cifar10 or cifar100, got {name!r}")
@@ -316,7 +319,9 @@ def decode_image_file(path: Path, channels: int, size: int | None) -> torch.Tens
 
             with Image.open(path) as im:
                 array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
-            image = torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+            image = (
+                torch.from_numpy(array.copy()).reshape(array.shape[0], array.shape[1], -1).permute(2, 0, 1)
+            )
         except Exception as err:
             raise ValueError(f"not a decodable image: {path} ({type(err).__name__}: {err})") from None
     if size is not None:
@@ -338,14 +343,22 @@ class ImageFolderDataModule(ImageDataModule):
         **kwargs: see :class:`ImageDataModule`.
     """
 
-    def __init__(self, root: str, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                 max_per_class: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        root: str,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_per_class: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root: image folder {self.root} does not exist")
         if not (self.root / "train").is_dir():
-            raise FileNotFoundError(f"data.root: {self.root} has no train/ folder (expected root/train/<class>/...)")
+            raise FileNotFoundError(
+                f"data.root: {self.root} has no train/ folder (expected root/train/<class>/...)"
+            )
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.max_per_class = max_per_class
@@ -355,7 +368,9 @@ class ImageFolderDataModule(ImageDataModule):
                 f"data.num_classes={self.num_classes} but {self.root / 'train'} has {len(self.classes)} "
                 f"class folders: {self.classes[:10]}{' …' if len(self.classes) > 10 else ''}"
             )
-        self._files = {name: self._scan(name) for name in ("train", "val", "test") if (self.root / name).is_dir()}
+        self._files = {
+            name: self._scan(name) for name in ("train", "val", "test") if (self.root / name).is_dir()
+        }
 
     def _scan(self, split: str) -> list[tuple[Path, int]]:
         """``(file, label)`` pairs of one split folder; hidden files are skipped, every other file counts."""
@@ -367,7 +382,9 @@ class ImageFolderDataModule(ImageDataModule):
         for label, name in enumerate(self.classes):
             if not (folder / name).is_dir():
                 continue
-            paths = sorted(p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith("."))
+            paths = sorted(
+                p for p in (folder / name).rglob("*") if p.is_file() and not p.name.startswith(".")
+            )
             files += [(p, label) for p in paths[: self.max_per_class]]
         if not files:
             raise ValueError(f"{folder} holds no image files")
@@ -378,7 +395,9 @@ class ImageFolderDataModule(ImageDataModule):
         for split, files in self._files.items():
             for path, label in files:
                 st = path.stat()
-                h.update(f"{split}|{path.relative_to(self.root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                h.update(
+                    f"{split}|{path.relative_to(self.root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode()
+                )
         return h.hexdigest()
 
     def _decode(self, files: Sequence[tuple[Path, int]]) -> Split:
@@ -427,8 +446,12 @@ class FakeDataModule(ImageDataModule):
 
         splits, offset = {}, self.split_seed * 1_000_003
         for name, size in self.sizes.items():
-            ds = FakeData(size, (self.channels, self.image_size, self.image_size), self.num_classes,
-                          random_offset=offset)
+            ds = FakeData(
+                size,
+                (self.channels, self.image_size, self.image_size),
+                self.num_classes,
+                random_offset=offset,
+            )
             offset += size
             pairs = [ds[i] for i in range(size)]
             images = torch.stack([pil_to_tensor(img) for img, _ in pairs])

@@ -8,10 +8,9 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cvarch.build import build_datamodule, build_model, build_module
+from cvarch.build import build_datamodule, build_model, build_module, instantiate
 from cvarch.config import CONFIG_DIR
 from cvarch.train import write_metrics
 
@@ -25,7 +24,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
         raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if "hyper_parameters" not in ckpt or "model" not in ckpt["hyper_parameters"]:
-        raise ValueError(f"ckpt_path: {path} was not written by cvarch-train (no run config in its hyperparameters)")
+        raise ValueError(
+            f"ckpt_path: {path} was not written by cvarch-train (no run config in its hyperparameters)"
+        )
     return ckpt, OmegaConf.create(ckpt["hyper_parameters"])
 
 
@@ -41,7 +42,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r} is not one of {SPLITS}")
     ckpt, run_cfg = load_checkpoint(cfg.ckpt_path)
-    data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data if cfg.get("data") else run_cfg.data, resolve=True))
+    data_cfg = OmegaConf.create(
+        OmegaConf.to_container(cfg.data if cfg.get("data") else run_cfg.data, resolve=True)
+    )
     if data_cfg.num_classes != run_cfg.model.num_classes:
         raise ValueError(
             f"data.num_classes={data_cfg.num_classes} but the checkpoint's model has "

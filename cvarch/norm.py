@@ -7,6 +7,7 @@ of their constructor, through :func:`get_norm_layer` (timm's ``get_norm_layer`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+
 from torch import nn
 
 NormFactory = Callable[[int], nn.Module]

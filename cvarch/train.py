@@ -62,8 +62,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        best = trainer.checkpoint_callback.best_model_path if isinstance(
-            trainer.checkpoint_callback, ModelCheckpoint) else ""
+        best = (
+            trainer.checkpoint_callback.best_model_path
+            if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
+            else ""
+        )
         ckpt = best or None
         train_loss = trainer.callback_metrics.get("train/loss")
         val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]

@@ -44,8 +44,9 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
-def make_image_tree(root: Path, classes=("cat", "dog", "fox"), per_class: int = 10, size: int = 12,
-                    split: str = "train") -> Path:
+def make_image_tree(
+    root: Path, classes=("cat", "dog", "fox"), per_class: int = 10, size: int = 12, split: str = "train"
+) -> Path:
     """Writes ``root/<split>/<class>/<i>.png``: each class a distinct mean colour plus noise."""
     gen = torch.Generator().manual_seed(0)
     for label, name in enumerate(classes):
@@ -85,3 +86,16 @@ def default_run(tmp_path_factory):
     return {"proc": proc, "output_dir": output_dir, "tmp": tmp}
 
 
+FIGURES: list[str] = []
+
+
+def report(line: str) -> None:
+    """Records a measured figure; the list is printed at the end of the pytest run."""
+    FIGURES.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("cvarch measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -20,8 +20,24 @@ OPTIONS = sorted(
 
 def test_every_group_of_the_defaults_list_has_options():
     groups = {g for g, _ in OPTIONS}
-    expected = {"data", "model", "init", "norm", "augment", "preprocess", "regularizer", "optimizer", "scheduler",
-                "transfer", "trainer", "logger", "callbacks", "paths", "experiment", "debug"}
+    expected = {
+        "data",
+        "model",
+        "init",
+        "norm",
+        "augment",
+        "preprocess",
+        "regularizer",
+        "optimizer",
+        "scheduler",
+        "transfer",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "experiment",
+        "debug",
+    }
     assert expected <= groups
 
 
@@ -74,7 +90,9 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
 def test_option_composes_and_instantiates(group, option, compose_tmp, tmp_path):
     cfg = compose_tmp(f"{group}={option}")
     if cfg.data._target_.endswith("ImageFolderDataModule"):  # a tiny generated tree stands in for the root
-        cfg.data.root = str(make_image_tree(tmp_path / "tree", classes=[str(i) for i in range(10)], per_class=12))
+        cfg.data.root = str(
+            make_image_tree(tmp_path / "tree", classes=[str(i) for i in range(10)], per_class=12)
+        )
     validate(cfg)
     _exercise(group, option, cfg, tmp_path)
 
@@ -121,7 +139,9 @@ def test_cli_unknown_option_lists_the_valid_choices(tmp_path):
 
 def test_compose_is_what_the_cli_builds(default_run):
     written = OmegaConf.load(default_run["output_dir"] / "config.yaml")
-    composed = compose(f"paths.log_dir={default_run['tmp']}/logs", f"paths.cache_dir={default_run['tmp']}/cache")
+    composed = compose(
+        f"paths.log_dir={default_run['tmp']}/logs", f"paths.cache_dir={default_run['tmp']}/cache"
+    )
     OmegaConf.resolve(composed)
     # the run directory's timestamp is the only difference
     texts = [OmegaConf.to_yaml(c).replace(c.paths.output_dir, "<run dir>") for c in (written, composed)]

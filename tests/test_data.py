@@ -51,8 +51,14 @@ def test_image_size_resizes_once_at_load():
 
 
 def test_imagefolder_carves_val_and_test_when_absent(image_tree, tmp_path):
-    dm = ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3, val_fraction=0.2,
-                               test_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    dm = ImageFolderDataModule(
+        root=str(image_tree),
+        num_classes=3,
+        channels=3,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm.setup()
     assert dm.classes == ["cat", "dog", "fox"]
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 18, "val": 6, "test": 6}
@@ -84,7 +90,9 @@ def test_imagefolder_wrong_num_classes_is_an_error(image_tree):
 def test_imagefolder_corrupt_file_is_an_error_naming_the_file(image_tree):
     bad = image_tree / "train" / "dog" / "005.png"
     bad.write_bytes(b"this is not an image")
-    dm = ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3, val_fraction=0.2, test_fraction=0.2)
+    dm = ImageFolderDataModule(
+        root=str(image_tree), num_classes=3, channels=3, val_fraction=0.2, test_fraction=0.2
+    )
     with pytest.raises(ValueError, match=f"not a decodable image: {bad}"):
         dm.setup()
 
@@ -100,8 +108,14 @@ def test_imagefolder_mixed_sizes_need_image_size(image_tree):
 
 def test_imagefolder_cache_is_reused_and_invalidated_by_a_changed_file(image_tree, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    kwargs = dict(root=str(image_tree), num_classes=3, channels=3, val_fraction=0.2, test_fraction=0.2,
-                  cache_dir=str(cache))
+    kwargs = dict(
+        root=str(image_tree),
+        num_classes=3,
+        channels=3,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        cache_dir=str(cache),
+    )
     first = ImageFolderDataModule(**kwargs)
     first.setup()
     assert len(list(cache.glob("*.pt"))) == 1
@@ -128,8 +142,9 @@ def test_imagefolder_cache_is_reused_and_invalidated_by_a_changed_file(image_tre
 
 
 def test_max_per_class_keeps_the_first_files(image_tree):
-    dm = ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3, max_per_class=5,
-                               val_fraction=0.2, test_fraction=0.2)
+    dm = ImageFolderDataModule(
+        root=str(image_tree), num_classes=3, channels=3, max_per_class=5, val_fraction=0.2, test_fraction=0.2
+    )
     dm.setup()
     assert sum(len(s) for s in dm.splits.values()) == 15
 
@@ -163,8 +178,9 @@ def test_augment_is_applied_to_training_images_only():
 
 @pytest.mark.slow
 def test_real_cifar10_folder(cifar_root, tmp_path):
-    dm = ImageFolderDataModule(root=str(cifar_root), num_classes=10, channels=3, max_per_class=100,
-                               cache_dir=str(tmp_path / "cache"))
+    dm = ImageFolderDataModule(
+        root=str(cifar_root), num_classes=10, channels=3, max_per_class=100, cache_dir=str(tmp_path / "cache")
+    )
     dm.setup()
     assert dm.classes[:3] == ["airplane", "automobile", "bird"]
     assert dm.image_shape == (3, 32, 32)

@@ -10,11 +10,14 @@ from cvarch.preprocess import Rescale, Standardize
 
 def test_standardize_gives_zero_mean_unit_std_per_channel_on_the_training_images():
     gen = torch.Generator().manual_seed(0)
-    images = torch.stack([
-        torch.randint(0, 100, (64, 8, 8), generator=gen),
-        torch.randint(100, 256, (64, 8, 8), generator=gen),
-        torch.full((64, 8, 8), 7),
-    ], dim=1).to(torch.uint8)
+    images = torch.stack(
+        [
+            torch.randint(0, 100, (64, 8, 8), generator=gen),
+            torch.randint(100, 256, (64, 8, 8), generator=gen),
+            torch.full((64, 8, 8), 7),
+        ],
+        dim=1,
+    ).to(torch.uint8)
     pre = Standardize()
     pre.fit(images)
     out = pre(images)

@@ -68,7 +68,9 @@ def check_input_size(model: nn.Module, image_shape: tuple[int, int, int]) -> Non
     layer, error = failure
     low, high = max(height, width) + 1, 4096
     if _probe(model, (1, channels, high, high)) is not None:
-        raise ValueError(f"{type(model).__name__} fails on {channels}×{height}×{width} input at layer '{layer}': {error}")
+        raise ValueError(
+            f"{type(model).__name__} fails on {channels}×{height}×{width} input at layer '{layer}': {error}"
+        )
     while low < high:  # output size only grows with input size, so bisect
         mid = (low + high) // 2
         if _probe(model, (1, channels, mid, mid)) is None:

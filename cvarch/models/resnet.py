@@ -60,8 +60,16 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, norm_layer: NormFactory = nn.BatchNorm2d) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        norm_layer: NormFactory = nn.BatchNorm2d,
+    ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
@@ -106,8 +114,16 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, norm_layer: NormFactory = nn.BatchNorm2d) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        norm_layer: NormFactory = nn.BatchNorm2d,
+    ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = conv1x1(inplanes, width)
@@ -216,8 +232,14 @@ class ResNet(nn.Module):
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     m.zero_init_last()
 
-    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int,
-                    norm: NormFactory) -> nn.Sequential:
+    def _make_layer(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        planes: int,
+        blocks: int,
+        stride: int,
+        norm: NormFactory,
+    ) -> nn.Sequential:
         downsample = None
         out_planes = planes * block.expansion
         if stride != 1 or self.inplanes != out_planes:
@@ -227,8 +249,10 @@ class ResNet(nn.Module):
                 downsample = nn.Sequential(conv1x1(self.inplanes, out_planes, stride), norm(out_planes))
         layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, norm)]
         self.inplanes = out_planes
-        layers += [block(self.inplanes, planes, groups=self.groups, base_width=self.base_width, norm_layer=norm)
-                   for _ in range(1, blocks)]
+        layers += [
+            block(self.inplanes, planes, groups=self.groups, base_width=self.base_width, norm_layer=norm)
+            for _ in range(1, blocks)
+        ]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

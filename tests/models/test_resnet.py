@@ -62,7 +62,10 @@ def test_norm_group_fills_every_norm_slot():
 
 def test_zero_init_residual_makes_every_block_start_as_identity():
     model = ResNet("basic", [1, 1, 1], [16, 32, 64], stem="cifar", shortcut="A", zero_init_residual=True)
-    assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in [model.layer1[0], model.layer2[0], model.layer3[0]])
+    assert all(
+        float(b.bn2.weight.detach().abs().sum()) == 0
+        for b in [model.layer1[0], model.layer2[0], model.layer3[0]]
+    )
 
 
 def test_bad_settings_are_named():

@@ -1,0 +1,29 @@
+"""cvarch-eval reproduces what training reported, from the checkpoint alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_test_and_val_accuracy_training_reported(default_run, tmp_path):
+    trained = json.loads((default_run["output_dir"] / "metrics.json").read_text())
+    for split in ("test", "val"):
+        proc = run_cli(
+            "cvarch-eval", f"ckpt_path={trained['best_ckpt']}", f"split={split}", f"paths.log_dir={tmp_path}"
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "metrics.json").read_text())
+        assert metrics[f"{split}/acc"] == pytest.approx(trained[f"{split}/acc"], abs=1e-6)
+        assert metrics[f"{split}/acc_top5"] == pytest.approx(trained[f"{split}/acc_top5"], abs=1e-6)
+
+
+def test_eval_of_a_missing_checkpoint_names_it(tmp_path):
+    proc = run_cli("cvarch-eval", f"ckpt_path={tmp_path}/none.ckpt", f"paths.log_dir={tmp_path}")
+    assert proc.returncode != 0
+    assert f"no checkpoint at {tmp_path}/none.ckpt" in proc.stderr

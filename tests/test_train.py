@@ -1,0 +1,113 @@
+"""cvarch-train end to end: the default run's accuracy, its run directory, W&B offline logs, sweeps, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+import cvarch
+from tests import wandb_log
+from tests.conftest import report, run_cli
+
+METRICS = {"train/loss", "val/acc", "val/acc_top5", "test/acc", "test/acc_top5", "epochs", "wall_s", "params"}
+
+
+def test_fast_dev_run_of_the_default_config(compose_tmp):
+    metrics = cvarch.train(compose_tmp("debug=fdr", "logger=none"))
+    assert METRICS <= set(metrics)
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["params"] == 269_434
+    assert json.loads((Path(metrics["output_dir"]) / "metrics.json").read_text())["params"] == 269_434
+
+
+@pytest.mark.slow
+def test_default_make_train_run_reaches_95_percent_on_digits(default_run):
+    out = default_run["output_dir"]
+    assert default_run["proc"].stdout.strip().splitlines()[-1] == str(out)  # last line: the run directory
+    metrics = json.loads((out / "metrics.json").read_text())
+    report(
+        f"make train (default config, digits, resnet20, {metrics['epochs']} epochs) on {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}): test/acc={metrics['test/acc']:.4f}, "
+        f"val/acc={metrics['val/acc']:.4f}, wall {metrics['wall_s']:.1f} s"
+    )
+    assert METRICS <= set(metrics)
+    assert metrics["test/acc"] >= 0.95
+    assert metrics["epochs"] == 20
+    for name in ("config.yaml", "learning_curves.png", "history.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 20 and {"train/loss", "val/acc"} <= set(history[-1])
+
+
+@pytest.mark.slow
+def test_checkpoints_load_with_weights_only(default_run):
+    for path in (default_run["output_dir"] / "checkpoints").glob("*.ckpt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["hyper_parameters"]["model"]["_target_"] == "cvarch.models.resnet.ResNet"
+        assert "preprocess.mean" in ckpt["state_dict"]  # the fitted preprocessing travels with the weights
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_logged_metrics(default_run):
+    runs = list((default_run["output_dir"] / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("run-*.wandb"))
+    rows = wandb_log.history(log)
+    metrics = json.loads((default_run["output_dir"] / "metrics.json").read_text())
+    val_rows = [r for r in rows if "val/acc" in r]
+    assert len(val_rows) >= 20  # one per epoch (+ the best checkpoint's re-validation)
+    test_rows = [r for r in rows if "test/acc" in r]
+    assert test_rows[-1]["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert any("lr-SGD" in r for r in rows)
+    config = wandb_log.config(log)
+    assert config["optimizer"]["lr"] == 0.01 and config["model"]["layers"] == [3, 3, 3]
+
+
+@pytest.mark.slow
+def test_multirun_jobs_are_separate_wandb_runs(tmp_path):
+    proc = run_cli(
+        "cvarch-train",
+        "-m",
+        "seed=0,1",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path}/cache",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent for p in tmp_path.rglob("multiruns/*/*/metrics.json"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    ids = set()
+    for seed, job in enumerate(jobs):
+        assert f"seed: {seed}" in (job / "config.yaml").read_text()
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+        ids.add(runs[0].name.rsplit("-", 1)[-1])
+        assert wandb_log.history(next(runs[0].glob("run-*.wandb")))  # each run has its own logged metrics
+    assert len(ids) == 2
+
+
+@pytest.mark.slow
+def test_resume_from_last_checkpoint_continues_the_run(default_run, compose_tmp):
+    last = default_run["output_dir"] / "checkpoints" / "last.ckpt"
+    metrics = cvarch.train(compose_tmp(f"ckpt_path={last}", "trainer.max_epochs=22", "logger=none"))
+    assert metrics["epochs"] == 22
+    history = json.loads((Path(metrics["output_dir"]) / "history.json").read_text())
+    assert len(history) == 22  # the curves continue from the checkpoint's 20 epochs
+
+
+@pytest.mark.slow
+def test_debug_overfit_drives_training_accuracy_to_one(compose_tmp):
+    metrics = cvarch.train(compose_tmp("debug=overfit", "trainer.max_epochs=30", "logger=none"))
+    history = json.loads((Path(metrics["output_dir"]) / "history.json").read_text())
+    assert history[-1]["train/acc"] == 1.0
+
+
+def test_bad_data_root_fails_before_any_training(compose_tmp, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+        cvarch.train(compose_tmp("data=imagefolder", f"data.root={tmp_path / 'missing'}", "logger=none"))
+    assert not list(tmp_path.rglob("*.ckpt"))
