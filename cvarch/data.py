@@ -285,7 +285,13 @@ class CIFARDataModule(ImageDataModule):
         from torchvision import datasets
 
         cls = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
-        return cls(self.root, train=train, download=self.download)
+        try:
+            return cls(self.root, train=train, download=self.download)
+        except (RuntimeError, OSError) as err:  # no archive in root, and no network (or download=false)
+            raise FileNotFoundError(
+                f"data.root: {self.name} is not in {self.root} and could not be downloaded ({err}); put "
+                f"{cls.filename} (from {cls.url}) there, or use data=imagefolder on an image-folder copy"
+            ) from None
 
     def load_splits(self) -> dict[str, Split]:
         def to_split(ds) -> Split:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import yaml
 
-COLUMNS = ("test/acc", "test/acc_top5", "val/acc", "train/loss", "epochs", "wall_s")
+COLUMNS = {
+    "test/acc": "test acc %",
+    "test/acc_top5": "test top-5 %",
+    "val/acc": "val acc %",
+    "train/loss": "train loss",
+    "epochs": "epochs",
+    "wall_s": "wall s",
+}
 IGNORED = ("seed=", "paths.", "hydra.")
 
 
@@ -46,7 +53,7 @@ def main() -> None:
             groups[group_of(path.parent)].append(json.loads(path.read_text()))
     if not groups:
         raise SystemExit(f"no metrics.json under {', '.join(map(str, args.root))}")
-    print("| runs | seeds | " + " | ".join(c.replace("acc", "acc %") for c in COLUMNS) + " |")
+    print("| runs | seeds | " + " | ".join(COLUMNS.values()) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
     for name, runs in groups.items():
         cells = [fmt([r[c] for r in runs if r.get(c) is not None], c) for c in COLUMNS]

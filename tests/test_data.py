@@ -191,3 +191,41 @@ def test_real_cifar10_folder(cifar_root, tmp_path):
     x = dm.splits["train"].images.float()
     a, b = x[..., :-1].flatten(), x[..., 1:].flatten()
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.8
+
+
+class StubCIFAR:
+    """Stands in for torchvision's CIFAR10 (no download): 100 images per class for train, 20 for test."""
+
+    classes = [f"c{i}" for i in range(10)]
+
+    def __init__(self, root, train, download):
+        n = 100 if train else 20
+        self.targets = [i % 10 for i in range(10 * n)]
+        self.data = (
+            torch.arange(10 * n * 32 * 32 * 3).remainder(251).to(torch.uint8).reshape(-1, 32, 32, 3).numpy()
+        )
+
+
+def test_cifar_module_carves_a_stratified_val_split_and_keeps_the_official_test(monkeypatch):
+    from torchvision import datasets
+
+    from cvarch.data import CIFARDataModule
+
+    monkeypatch.setattr(datasets, "CIFAR10", StubCIFAR)
+    dm = CIFARDataModule(root="unused", num_classes=10, channels=3, val_size=100)
+    dm.setup()
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 900, "val": 100, "test": 200}
+    assert torch.equal(torch.bincount(dm.splits["val"].targets), torch.full((10,), 10))
+    assert dm.image_shape == (3, 32, 32) and dm.classes == StubCIFAR.classes
+    # NHWC arrays become NCHW tensors without reordering pixels
+    assert torch.equal(
+        dm.splits["test"].images[0].permute(1, 2, 0), torch.from_numpy(StubCIFAR("", False, False).data[0])
+    )
+
+
+def test_cifar_without_archive_or_network_names_the_root(tmp_path):
+    from cvarch.data import CIFARDataModule
+
+    dm = CIFARDataModule(root=str(tmp_path), download=False, num_classes=10, channels=3)
+    with pytest.raises(FileNotFoundError, match=f"data.root: cifar10 is not in {tmp_path}"):
+        dm.prepare_data()
