@@ -42,6 +42,11 @@ def test_default_make_train_run_reaches_95_percent_on_digits(default_run):
     assert (out / "checkpoints" / "last.ckpt").is_file()
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 20 and {"train/loss", "val/acc"} <= set(history[-1])
+    # last.ckpt is the last epoch, the best checkpoint is the epoch of the highest val/acc
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 19
+    best_epoch = max(range(20), key=lambda e: (history[e]["val/acc"], -e))
+    assert torch.load(metrics["best_ckpt"], weights_only=True)["epoch"] == best_epoch
+    assert metrics["val/acc"] == pytest.approx(history[best_epoch]["val/acc"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -97,7 +102,8 @@ def test_resume_from_last_checkpoint_continues_the_run(default_run, compose_tmp)
     metrics = cvarch.train(compose_tmp(f"ckpt_path={last}", "trainer.max_epochs=22", "logger=none"))
     assert metrics["epochs"] == 22
     history = json.loads((Path(metrics["output_dir"]) / "history.json").read_text())
-    assert len(history) == 22  # the curves continue from the checkpoint's 20 epochs
+    before = json.loads((default_run["output_dir"] / "history.json").read_text())
+    assert len(history) == 22 and history[:20] == before  # the curves continue from the checkpoint's 20 epochs
 
 
 @pytest.mark.slow
