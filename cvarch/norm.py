@@ -33,7 +33,35 @@ def none(num_channels: int) -> nn.Identity:
     return nn.Identity()
 
 
-_BY_NAME: dict[str, NormFactory] = {"batchnorm": batchnorm, "none": none}
+def lrn(num_channels: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> nn.Module:
+    """Local response normalization across channels, Krizhevsky et al. 2012 §3.3 (n=5, α=1e-4, β=0.75, k=2).
+
+    Args:
+        num_channels: ignored (LRN has no parameters); accepted so every norm is called the same way.
+        size: neighbouring channels summed over (n).
+        alpha: scale α. PyTorch divides α by ``size``; the paper does not, so α·size is passed here.
+        beta: exponent β.
+        k: additive constant k.
+    """
+    return nn.LocalResponseNorm(size, alpha=alpha * size, beta=beta, k=k)
+
+
+class GroupNorm(nn.GroupNorm):
+    """Group normalization (Wu & He 2018) called as ``norm(num_channels)``, with ``groups`` fixed up front.
+
+    Args:
+        num_channels: channels C; must be divisible by ``groups``.
+        groups: channel groups G (paper default 32).
+        eps: added to the variance.
+    """
+
+    def __init__(self, num_channels: int, groups: int = 32, eps: float = 1e-5) -> None:
+        if num_channels % groups:
+            raise ValueError(f"norm.groups={groups} does not divide a layer's {num_channels} channels")
+        super().__init__(groups, num_channels, eps=eps)
+
+
+_BY_NAME: dict[str, NormFactory] = {"batchnorm": batchnorm, "none": none, "lrn": lrn, "groupnorm": GroupNorm}
 
 
 def get_norm_layer(norm: str | NormFactory | None) -> NormFactory:

@@ -58,8 +58,8 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
         assert instantiate(cfg[group])(model) is model
     elif group == "norm":
-        layer = instantiate(cfg.norm)(8)
-        assert layer(torch.randn(2, 8, 4, 4)).shape == (2, 8, 4, 4)
+        layer = instantiate(cfg.norm)(64)
+        assert layer(torch.randn(2, 64, 4, 4)).shape == (2, 64, 4, 4)
     elif group == "augment":
         image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
         assert instantiate(cfg.augment)(image).shape == image.shape

@@ -1,0 +1,70 @@
+"""Building blocks shared by the model families: the activation factory and stochastic depth."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ActFactory = Callable[[], nn.Module]
+
+_ACTIVATIONS: dict[str, ActFactory] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
+    "gelu": nn.GELU,
+    "identity": nn.Identity,
+}
+
+
+def get_act_layer(act: str | ActFactory | None) -> ActFactory:
+    """Resolves an activation given by name (``"relu"``, ``"tanh"``, …) or as a factory to a factory.
+
+    Args:
+        act: a name, a zero-argument callable returning a module, or ``None`` (identity).
+    """
+    if act is None:
+        return nn.Identity
+    if isinstance(act, str):
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"model.act_layer={act!r} is not one of {sorted(_ACTIVATIONS)}")
+        return _ACTIVATIONS[act]
+    if callable(act):
+        return act
+    raise TypeError(f"act_layer must be a name or a callable, got {type(act).__name__}")
+
+
+def drop_path_rates(num_blocks: int, drop_path: float) -> list[float]:
+    """Per-block drop rates of the linear decay rule, Huang et al. 2016 §3 eq. (4).
+
+    Survival p_l = 1 − l/L · (1 − p_L) for block l = 1…L, so the drop rate rises linearly from
+    ``drop_path/L`` at the first block to ``drop_path`` at the last.
+    """
+    return [drop_path * (i + 1) / num_blocks for i in range(num_blocks)]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch (Huang et al. 2016): in training, zero the branch of each sample
+    with probability ``p`` and scale survivors by 1/(1−p); at test time the block is used whole.
+
+    Args:
+        p: probability of dropping the branch.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_path rate must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.4f}"
