@@ -75,6 +75,7 @@ def build_module(cfg: DictConfig, model: nn.Module) -> ClassificationModule:
         preprocess=instantiate(cfg.preprocess),
         regularizer=instantiate(cfg.regularizer),
         label_smoothing=cfg.loss.label_smoothing,
+        aux_weight=cfg.loss.aux_weight,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 

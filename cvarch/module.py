@@ -27,6 +27,8 @@ class ClassificationModule(pl.LightningModule):
         preprocess: uint8 → float input transform (the ``preprocess`` group), fitted on the training split.
         regularizer: explicit penalty added to the loss (the ``regularizer`` group).
         label_smoothing: cross-entropy label smoothing ε (Szegedy et al. 2016 §7: 0.1).
+        aux_weight: weight of each auxiliary classifier's loss when the model returns ``(logits, *aux)`` in
+            training, as GoogLeNet does (Szegedy et al. 2014 §5: 0.3).
         config: the run's resolved config as plain containers, saved as hyperparameters; it is what lets
             ``cvarch-eval`` rebuild the module from a checkpoint loaded with ``weights_only=True``.
     """
@@ -41,6 +43,7 @@ class ClassificationModule(pl.LightningModule):
         preprocess: nn.Module | None = None,
         regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None,
         label_smoothing: float = 0.0,
+        aux_weight: float = 0.3,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -53,6 +56,7 @@ class ClassificationModule(pl.LightningModule):
         self.scheduler_options = dict(scheduler_options or {})
         self.regularizer = regularizer if regularizer is not None else Regularizer()
         self.label_smoothing = label_smoothing
+        self.aux_weight = aux_weight
         self.eval_split = "test"  # prefix of the metrics the test loop logs; cvarch-eval sets it per split
         top5 = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -72,7 +76,13 @@ class ClassificationModule(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
+        aux: tuple[torch.Tensor, ...] = ()
+        if isinstance(logits, (tuple, list)):  # (main, *auxiliary heads), e.g. GoogLeNet in training
+            logits, *aux = logits
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        for head in aux:
+            aux_loss = F.cross_entropy(head, y, label_smoothing=self.label_smoothing)
+            loss = loss + self.aux_weight * aux_loss
         penalty = self.regularizer(self.model)
         if penalty is not None:
             self.log("train/penalty", penalty, on_step=False, on_epoch=True)
@@ -85,6 +95,8 @@ class ClassificationModule(pl.LightningModule):
     def _evaluate(self, batch, prefix: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy) -> None:
         x, y = batch
         logits = self(x)
+        if isinstance(logits, (tuple, list)):  # auxiliary heads do not count at evaluation
+            logits = logits[0]
         acc(logits, y)
         top5(logits, y)
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=prefix == "val")

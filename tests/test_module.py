@@ -49,6 +49,27 @@ def test_label_smoothing_and_the_regularizer_hook_enter_the_loss():
     assert torch.allclose(penalized, plain + 2.5)
 
 
+class TwoHeads(nn.Module):
+    """Returns (main, aux) in training, main alone in eval, as GoogLeNet does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+        self.aux = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+
+    def forward(self, x):
+        return (self.main(x), self.aux(x)) if self.training else self.main(x)
+
+
+def test_auxiliary_heads_add_their_weighted_loss_in_training():
+    torch.manual_seed(0)
+    m = module(model=TwoHeads(), aux_weight=0.3)
+    x, y = batch()
+    inputs = x.float() / 255
+    expected = F.cross_entropy(m.model.main(inputs), y) + 0.3 * F.cross_entropy(m.model.aux(inputs), y)
+    assert torch.allclose(m.training_step((x, y), 0), expected)
+
+
 def test_accuracy_is_micro_top1_and_top5():
     m = module()
     logits = torch.full((4, 10), -1.0)

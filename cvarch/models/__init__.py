@@ -51,6 +51,28 @@ class _Collapsed(Exception):
     pass
 
 
+def _works(model: nn.Module, channels: int, size: int) -> bool:
+    return _probe(model, (1, channels, size, size)) is None
+
+
+def smallest_input_size(model: nn.Module, channels: int, start: int = 1, limit: int = 4096) -> int | None:
+    """The smallest square input side ≥ ``start`` that ``model`` accepts, or ``None`` up to ``limit``.
+
+    Nets with adaptive pooling accept every size above a threshold, found by bisection; nets with a fixed-size
+    classifier (the lecture's AlexNet: 227 only) are scanned size by size.
+    """
+    if _works(model, channels, limit):
+        low, high = start, limit
+        while low < high:  # output size only grows with input size, so bisect
+            mid = (low + high) // 2
+            if _works(model, channels, mid):
+                high = mid
+            else:
+                low = mid + 1
+        return low
+    return next((s for s in range(start, 1025) if _works(model, channels, s)), None)
+
+
 def check_input_size(model: nn.Module, image_shape: tuple[int, int, int]) -> None:
     """Checks that ``model`` accepts (C, H, W) images, before any training.
 
@@ -59,25 +81,23 @@ def check_input_size(model: nn.Module, image_shape: tuple[int, int, int]) -> Non
         image_shape: (channels, height, width) of the images the model will get.
 
     Raises:
-        ValueError: naming the layer where the spatial size collapses and the smallest square size that works.
+        ValueError: naming the layer where the input stops fitting and the smallest square size that works.
     """
     channels, height, width = image_shape
     failure = _probe(model, (1, channels, height, width))
     if failure is None:
         return
     layer, error = failure
-    low, high = max(height, width) + 1, 4096
-    if _probe(model, (1, channels, high, high)) is not None:
+    name = type(model).__name__
+    smallest = smallest_input_size(model, channels)
+    if smallest is None:
+        raise ValueError(f"{name} fails on {channels}×{height}×{width} input at layer '{layer}': {error}")
+    if smallest > max(height, width):
         raise ValueError(
-            f"{type(model).__name__} fails on {channels}×{height}×{width} input at layer '{layer}': {error}"
+            f"input {height}×{width}×{channels} is too small for {name}: the spatial size collapses at layer "
+            f"'{layer}'; the smallest square input that works is {smallest}×{smallest} (set data.image_size)"
         )
-    while low < high:  # output size only grows with input size, so bisect
-        mid = (low + high) // 2
-        if _probe(model, (1, channels, mid, mid)) is None:
-            high = mid
-        else:
-            low = mid + 1
     raise ValueError(
-        f"input {height}×{width}×{channels} is too small for {type(model).__name__}: the spatial size collapses "
-        f"at layer '{layer}'; the smallest square input that works is {low}×{low} (set data.image_size)"
+        f"input {height}×{width}×{channels} does not fit {name} at layer '{layer}' ({error}); "
+        f"the smallest square input that works is {smallest}×{smallest} (set data.image_size)"
     )

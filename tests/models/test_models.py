@@ -31,3 +31,23 @@ def test_too_small_input_names_the_layer_and_the_smallest_size():
 def test_wrong_channels_is_reported_with_the_layer():
     with pytest.raises(ValueError, match=r"layer '0'"):
         check_input_size(tiny(), (1, 32, 32))
+
+
+class FixedHead(nn.Module):
+    """A classifier with no adaptive pooling, like the lecture's AlexNet: only one input size fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.MaxPool2d(2))
+        self.fc = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def test_fixed_size_nets_report_the_size_that_fits():
+    check_input_size(FixedHead(), (3, 18, 18))  # 18 → 8 → 4
+    with pytest.raises(ValueError, match=r"too small .* layer 'features.1'; .* works is 17×17"):
+        check_input_size(FixedHead(), (3, 4, 4))  # 4 → 1 → 0 at the pool
+    with pytest.raises(ValueError, match=r"does not fit FixedHead at layer 'fc' .* works is 17×17"):
+        check_input_size(FixedHead(), (3, 32, 32))
