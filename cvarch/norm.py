@@ -7,6 +7,7 @@ of their constructor, through :func:`get_norm_layer` (timm's ``get_norm_layer`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import nn
 
@@ -33,7 +34,9 @@ def none(num_channels: int) -> nn.Identity:
     return nn.Identity()
 
 
-def lrn(num_channels: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> nn.Module:
+def lrn(
+    num_channels: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0
+) -> nn.Module:
     """Local response normalization across channels, Krizhevsky et al. 2012 §3.3 (n=5, α=1e-4, β=0.75, k=2).
 
     Args:
@@ -76,6 +79,10 @@ def get_norm_layer(norm: str | NormFactory | None) -> NormFactory:
         if norm not in _BY_NAME:
             raise ValueError(f"unknown norm {norm!r}; expected one of {sorted(_BY_NAME)} or a callable")
         return _BY_NAME[norm]
+    if isinstance(norm, partial) and norm.func is none:
+        return (
+            none  # the norm group's `none` arrives as a partial; unwrapped, `get_norm_layer(x) is none` works
+        )
     if callable(norm):
         return norm
     raise TypeError(f"norm_layer must be a name or a callable norm(num_channels), got {type(norm).__name__}")

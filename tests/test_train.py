@@ -103,7 +103,9 @@ def test_resume_from_last_checkpoint_continues_the_run(default_run, compose_tmp)
     assert metrics["epochs"] == 22
     history = json.loads((Path(metrics["output_dir"]) / "history.json").read_text())
     before = json.loads((default_run["output_dir"] / "history.json").read_text())
-    assert len(history) == 22 and history[:20] == before  # the curves continue from the checkpoint's 20 epochs
+    assert (
+        len(history) == 22 and history[:20] == before
+    )  # the curves continue from the checkpoint's 20 epochs
 
 
 @pytest.mark.slow

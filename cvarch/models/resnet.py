@@ -1,8 +1,12 @@
 """ResNet family: He et al. 2015, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385).
 
-Basic and bottleneck blocks side by side; the ImageNet nets (§3.4, Table 1) and the CIFAR nets (§4.2) are
-settings of one :class:`ResNet`. Attribute names follow torchvision's ``resnet.py`` (``conv1``, ``bn1``,
-``layer1``…, ``downsample``, ``fc``) so its ``state_dict`` loads with ``strict=True``.
+The post-activation blocks (He 2015), their pre-activation twins (He et al. 2016, "Identity Mappings in Deep
+Residual Networks", arXiv:1603.05027) and the plain block without a shortcut (He 2015 §4.1) sit side by side, so
+the orderings can be diffed by eye. The ImageNet nets (§3.4, Table 1), the CIFAR nets (§4.2), Wide ResNets
+(Zagoruyko & Komodakis 2016, arXiv:1605.07146), ResNeXt (Xie et al. 2016, arXiv:1611.05431) and stochastic depth
+(Huang et al. 2016, arXiv:1603.09382) are all settings of one :class:`ResNet`. Attribute names follow
+torchvision's ``resnet.py`` (``conv1``, ``bn1``, ``layer1``…, ``downsample``, ``fc``) so its ``state_dict`` loads
+with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvarch.models.layers import ActFactory, DropPath, drop_path_rates, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -55,7 +60,12 @@ class BasicBlock(nn.Module):
         planes: output channels.
         stride: stride of the first conv (2 where a stage halves the resolution).
         downsample: shortcut for a shape change, or ``None`` for the identity.
+        groups: must be 1 (grouped convs are a bottleneck setting).
+        base_width: must be 64.
         norm_layer: ``norm(num_channels)`` factory.
+        act_layer: ``act()`` factory for every activation.
+        dropout: dropout rate between the two convs (Zagoruyko 2016 §2.4).
+        drop_path: probability of dropping the residual branch (Huang 2016 stochastic depth).
     """
 
     expansion = 1
@@ -69,15 +79,20 @@ class BasicBlock(nn.Module):
         groups: int = 1,
         base_width: int = 64,
         norm_layer: NormFactory = nn.BatchNorm2d,
+        act_layer: ActFactory = nn.ReLU,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = act_layer()
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = norm_layer(planes)
+        self.drop_path = DropPath(drop_path)
         self.downsample = downsample
         self.stride = stride
 
@@ -91,10 +106,75 @@ class BasicBlock(nn.Module):
         out = self.conv1(x)
         out = self.bn1(out)
         out = self.relu(out)
+        out = self.dropout(out)
         out = self.conv2(out)
         out = self.bn2(out)
-        out = out + identity
+        out = self.drop_path(out) + identity
         return self.relu(out)
+
+
+class PreActBasicBlock(nn.Module):
+    """BasicBlock in the full pre-activation ordering BN-ReLU-conv (He 2016 Fig. 4(e)); nothing after the sum.
+
+    Where the shape changes, the shortcut takes the pre-activated input, as in He 2016's code and Zagoruyko 2016.
+
+    Args:
+        inplanes: input channels.
+        planes: output channels.
+        stride: stride of the first conv.
+        downsample: shortcut for a shape change, or ``None`` for the identity.
+        groups: must be 1.
+        base_width: must be 64.
+        norm_layer: ``norm(num_channels)`` factory.
+        act_layer: ``act()`` factory for every activation.
+        dropout: dropout rate between the two convs (Zagoruyko 2016 §2.4: 0.3 on CIFAR).
+        drop_path: probability of dropping the residual branch (Huang 2016 stochastic depth).
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        norm_layer: NormFactory = nn.BatchNorm2d,
+        act_layer: ActFactory = nn.ReLU,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("PreActBasicBlock supports only groups=1 and width_per_group=64")
+        self.bn1 = norm_layer(inplanes)
+        self.relu = act_layer()
+        if isinstance(self.bn1, nn.Identity) and hasattr(self.relu, "inplace"):
+            self.relu.inplace = False  # norm=none: bn1(x) is x, which an in-place act would overwrite
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn2 = norm_layer(planes)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv3x3(planes, planes)
+        self.drop_path = DropPath(drop_path)
+        self.downsample = downsample
+        self.stride = stride
+
+    def zero_init_last(self) -> None:
+        """Zeroes the last conv, as no norm follows it, so the block starts as an identity (timm's choice)."""
+        nn.init.zeros_(self.conv2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn1(x)
+        out = self.relu(out)
+        identity = x if self.downsample is None else self.downsample(out)
+        out = self.conv1(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.dropout(out)
+        out = self.conv2(out)
+        return self.drop_path(out) + identity
 
 
 class Bottleneck(nn.Module):
@@ -110,6 +190,9 @@ class Bottleneck(nn.Module):
         groups: cardinality of the grouped 3×3 conv.
         base_width: width per group (64 = plain ResNet).
         norm_layer: ``norm(num_channels)`` factory.
+        act_layer: ``act()`` factory for every activation.
+        dropout: dropout rate before the last 1×1 conv (the place Zagoruyko 2016 §2.4 gives it in basic blocks).
+        drop_path: probability of dropping the residual branch (Huang 2016 stochastic depth).
     """
 
     expansion = 4
@@ -123,6 +206,9 @@ class Bottleneck(nn.Module):
         groups: int = 1,
         base_width: int = 64,
         norm_layer: NormFactory = nn.BatchNorm2d,
+        act_layer: ActFactory = nn.ReLU,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
@@ -130,9 +216,11 @@ class Bottleneck(nn.Module):
         self.bn1 = norm_layer(width)
         self.conv2 = conv3x3(width, width, stride, groups)
         self.bn2 = norm_layer(width)
+        self.dropout = nn.Dropout(dropout)
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = act_layer()
+        self.drop_path = DropPath(drop_path)
         self.downsample = downsample
         self.stride = stride
 
@@ -149,13 +237,140 @@ class Bottleneck(nn.Module):
         out = self.conv2(out)
         out = self.bn2(out)
         out = self.relu(out)
+        out = self.dropout(out)
         out = self.conv3(out)
         out = self.bn3(out)
-        out = out + identity
+        out = self.drop_path(out) + identity
         return self.relu(out)
 
 
+class PreActBottleneck(nn.Module):
+    """Bottleneck in the full pre-activation ordering BN-ReLU-conv (He 2016 Fig. 4(e); ResNet-164, Table 2).
+
+    Where the shape changes, the shortcut takes the pre-activated input, as in He 2016's code.
+
+    Args:
+        inplanes: input channels.
+        planes: bottleneck channels before the ×4 expansion.
+        stride: stride of the 3×3 conv.
+        downsample: shortcut for a shape change, or ``None`` for the identity.
+        groups: cardinality of the grouped 3×3 conv.
+        base_width: width per group (64 = plain ResNet).
+        norm_layer: ``norm(num_channels)`` factory.
+        act_layer: ``act()`` factory for every activation.
+        dropout: dropout rate before the last 1×1 conv.
+        drop_path: probability of dropping the residual branch (Huang 2016 stochastic depth).
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        norm_layer: NormFactory = nn.BatchNorm2d,
+        act_layer: ActFactory = nn.ReLU,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        self.bn1 = norm_layer(inplanes)
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn2 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups)
+        self.bn3 = norm_layer(width)
+        self.dropout = nn.Dropout(dropout)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.relu = act_layer()
+        if isinstance(self.bn1, nn.Identity) and hasattr(self.relu, "inplace"):
+            self.relu.inplace = False  # norm=none: bn1(x) is x, which an in-place act would overwrite
+        self.drop_path = DropPath(drop_path)
+        self.downsample = downsample
+        self.stride = stride
+
+    def zero_init_last(self) -> None:
+        """Zeroes the last conv, as no norm follows it, so the block starts as an identity (timm's choice)."""
+        nn.init.zeros_(self.conv3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn1(x)
+        out = self.relu(out)
+        identity = x if self.downsample is None else self.downsample(out)
+        out = self.conv1(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn3(out)
+        out = self.relu(out)
+        out = self.dropout(out)
+        out = self.conv3(out)
+        return self.drop_path(out) + identity
+
+
+class PlainBlock(nn.Module):
+    """BasicBlock without its shortcut: the plain nets of the degradation experiment (He 2015 §4.1–4.2, Fig. 6).
+
+    Args:
+        inplanes: input channels.
+        planes: output channels.
+        stride: stride of the first conv (2 where a stage halves the resolution).
+        downsample: must be ``None``: a plain net has no shortcut.
+        groups: must be 1.
+        base_width: must be 64.
+        norm_layer: ``norm(num_channels)`` factory.
+        act_layer: ``act()`` factory for every activation.
+        dropout: dropout rate between the two convs.
+        drop_path: must be 0: there is no residual branch to drop.
+    """
+
+    expansion = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        norm_layer: NormFactory = nn.BatchNorm2d,
+        act_layer: ActFactory = nn.ReLU,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if downsample is not None or drop_path != 0.0 or groups != 1 or base_width != 64:
+            raise ValueError("PlainBlock takes no shortcut, no drop_path, groups=1 and width_per_group=64")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = act_layer()
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.dropout(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        return self.relu(out)
+
+
+Block = BasicBlock | Bottleneck | PreActBasicBlock | PreActBottleneck | PlainBlock
 BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+PREACT_BLOCKS: dict[str, type[PreActBasicBlock] | type[PreActBottleneck]] = {
+    "basic": PreActBasicBlock,
+    "bottleneck": PreActBottleneck,
+}
+SHORTCUTS = ("A", "B", "none")
 
 
 class ResNet(nn.Module):
@@ -164,15 +379,23 @@ class ResNet(nn.Module):
     Args:
         block: ``basic`` or ``bottleneck``.
         layers: residual blocks per stage, e.g. ``[3, 3, 3]`` (ResNet-20, §4.2) or ``[3, 4, 6, 3]`` (ResNet-50).
-        widths: channels of each stage before the block expansion; stage i > 0 starts with stride 2.
+        widths: channels of each stage before the block expansion; stage i > 0 starts with stride 2. The stem
+            has ``widths[0]`` channels.
         stem: ``imagenet`` (7×7/2 conv + 3×3/2 max-pool, Table 1) or ``cifar`` (one 3×3 conv, §4.2).
-        shortcut: ``A`` (zero-padding identity, parameter-free) or ``B`` (1×1 projection) where shapes change.
+        shortcut: ``A`` (zero-padding identity, parameter-free) or ``B`` (1×1 projection) where shapes change;
+            ``none`` drops every shortcut: the plain net of §4.1 (basic blocks, post-activation only).
         num_classes: outputs of the final ``fc``.
         in_channels: input image channels.
-        groups: cardinality of bottleneck 3×3 convs (ResNeXt).
+        groups: cardinality of bottleneck 3×3 convs (ResNeXt, Xie 2016 §3.3).
         width_per_group: bottleneck width per group (64 = ResNet; 128 = Wide ResNet-50-2).
         norm_layer: norm name or ``norm(num_channels)`` factory (the ``norm`` group).
-        zero_init_residual: zero the last norm of every block (Goyal et al. 2017).
+        zero_init_residual: start every block as an identity (Goyal et al. 2017).
+        act_layer: activation name or ``act()`` factory, in every ReLU slot.
+        dropout: dropout rate before the last conv of every block (Zagoruyko 2016 §2.4; 0 in He 2015).
+        preact: full pre-activation blocks, a stem without norm and a final BN-ReLU before pooling (He 2016).
+        widen_factor: k, multiplying every stage width but not the stem (Zagoruyko 2016 Table 1).
+        drop_path: stochastic depth, the drop rate 1 − p_L of the last block; earlier blocks decay linearly to
+            0 (Huang 2016 eq. 4; paper: 0.5).
     """
 
     def __init__(
@@ -188,21 +411,36 @@ class ResNet(nn.Module):
         width_per_group: int = 64,
         norm_layer: str | NormFactory | None = "batchnorm",
         zero_init_residual: bool = False,
+        act_layer: str | ActFactory = "relu",
+        dropout: float = 0.0,
+        preact: bool = False,
+        widen_factor: int = 1,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"model.block={block!r} is not one of {sorted(BLOCKS)}")
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"model.stem={stem!r} is not one of ['cifar', 'imagenet']")
-        if shortcut not in ("A", "B"):
-            raise ValueError(f"model.shortcut={shortcut!r} is not one of ['A', 'B']")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"model.shortcut={shortcut!r} is not one of {list(SHORTCUTS)}")
         if len(layers) != len(widths):
             raise ValueError(f"model.layers {list(layers)} and model.widths {list(widths)} differ in length")
+        if shortcut == "none" and (block != "basic" or preact or drop_path or zero_init_residual):
+            raise ValueError(
+                "model.shortcut='none' (plain net, He 2015 §4.1) takes block=basic and no preact, drop_path "
+                "or zero_init_residual: they need a residual branch"
+            )
         norm = get_norm_layer(norm_layer)
-        block_cls = BLOCKS[block]
+        act = get_act_layer(act_layer)
+        if shortcut == "none":
+            block_cls = PlainBlock
+        else:
+            block_cls = PREACT_BLOCKS[block] if preact else BLOCKS[block]
         self.groups = groups
         self.base_width = width_per_group
         self.shortcut = shortcut
+        self.preact = preact
         self.inplanes = widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, self.inplanes, 7, stride=2, padding=3, bias=False)
@@ -210,15 +448,26 @@ class ResNet(nn.Module):
         else:
             self.conv1 = conv3x3(in_channels, self.inplanes)
             self.maxpool = nn.Identity()
-        self.bn1 = norm(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
+        # pre-activation: the first block normalizes the stem's output itself, as Zagoruyko 2016's code (He 2016
+        # App. puts that BN-ReLU on the stem; the two differ only under an identity shortcut of the first block)
+        self.bn1 = nn.Identity() if preact else norm(self.inplanes)
+        self.relu = nn.Identity() if preact else act()
+        rates = iter(drop_path_rates(sum(layers), drop_path))
+        block_args = dict(norm_layer=norm, act_layer=act, dropout=dropout)
         self.stage_names = []
         for i, (blocks, width) in enumerate(zip(layers, widths, strict=True)):
             name = f"layer{i + 1}"
-            self.add_module(name, self._make_layer(block_cls, width, blocks, 1 if i == 0 else 2, norm))
+            stage_rates = [next(rates) for _ in range(blocks)]
+            stride = 1 if i == 0 else 2
+            self.add_module(
+                name, self._make_layer(block_cls, width * widen_factor, stride, stage_rates, block_args)
+            )
             self.stage_names.append(name)
+        # pre-activation: the last block's sum is activated once more before pooling (He 2016 appendix)
+        self.final_bn = norm(self.inplanes) if preact else nn.Identity()
+        self.final_relu = act() if preact else nn.Identity()
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[-1] * block_cls.expansion, num_classes)
+        self.fc = nn.Linear(self.inplanes, num_classes)
 
         # He et al. 2015 init ("MSRA"), as torchvision: fan_out, ReLU gain; norms start at γ=1, β=0
         for m in self.modules():
@@ -229,39 +478,54 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
+                if hasattr(m, "zero_init_last"):
                     m.zero_init_last()
 
     def _make_layer(
         self,
-        block: type[BasicBlock] | type[Bottleneck],
+        block: type[Block],
         planes: int,
-        blocks: int,
         stride: int,
-        norm: NormFactory,
+        rates: Sequence[float],
+        block_args: dict,
     ) -> nn.Sequential:
         downsample = None
         out_planes = planes * block.expansion
-        if stride != 1 or self.inplanes != out_planes:
+        if self.shortcut != "none" and (stride != 1 or self.inplanes != out_planes):
             if self.shortcut == "A":
                 downsample = ZeroPadShortcut(out_planes, stride)
+            elif self.preact:  # the input is already normalized: a bare projection (He 2016; Zagoruyko 2016)
+                downsample = conv1x1(self.inplanes, out_planes, stride)
             else:
-                downsample = nn.Sequential(conv1x1(self.inplanes, out_planes, stride), norm(out_planes))
-        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, norm)]
-        self.inplanes = out_planes
-        layers += [
-            block(self.inplanes, planes, groups=self.groups, base_width=self.base_width, norm_layer=norm)
-            for _ in range(1, blocks)
-        ]
+                downsample = nn.Sequential(
+                    conv1x1(self.inplanes, out_planes, stride), block_args["norm_layer"](out_planes)
+                )
+        layers = []
+        for i, rate in enumerate(rates):
+            layers.append(
+                block(
+                    self.inplanes,
+                    planes,
+                    stride if i == 0 else 1,
+                    downsample if i == 0 else None,
+                    self.groups,
+                    self.base_width,
+                    drop_path=rate,
+                    **block_args,
+                )
+            )
+            self.inplanes = out_planes
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # (N, 64, H/2, W/2) imagenet stem; (N, 16, H, W) cifar stem
-        x = self.bn1(x)
+        x = self.bn1(x)  # identity when pre-activated
         x = self.relu(x)
         x = self.maxpool(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
+        x = self.final_bn(x)  # pre-activation only: BN-ReLU after the last sum
+        x = self.final_relu(x)
         x = self.avgpool(x)  # (N, C, 1, 1)
         x = torch.flatten(x, 1)
         return self.fc(x)

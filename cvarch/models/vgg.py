@@ -1,0 +1,94 @@
+"""VGG family: Simonyan & Zisserman 2014, "Very Deep Convolutional Networks for Large-Scale Image Recognition"
+(arXiv:1409.1556).
+
+Configurations A, B, D, E of Table 1 are lists in ``conf/model/vgg{11,13,16,19}.yaml``, as torchvision's ``cfgs``
+dict keeps them. Attribute names follow torchvision's ``vgg.py`` (``features``, ``avgpool``, ``classifier``), so
+``vgg16`` loads torchvision's ``vgg16`` ``state_dict`` and ``vgg16 norm=batchnorm`` loads ``vgg16_bn``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.norm import NormFactory, get_norm_layer
+
+
+class VGG(nn.Module):
+    """Stacks of 3×3 convolutions and 2×2 max-pools, then three fully connected layers (Simonyan 2014 Table 1).
+
+    Every conv is 3×3, stride 1, padding 1 (§2.1), so only the max-pools (2×2, stride 2) halve the resolution.
+    A norm slot follows every conv; it holds no module when the norm is ``none`` (the paper's nets), and a
+    BatchNorm2d with ``norm=batchnorm``, which gives torchvision's ``vgg*_bn`` layout.
+
+    Args:
+        cfg: a column of Table 1: conv widths, and ``"M"`` for a max-pool, e.g. ``[64, M, 128, M, 256, 256, M, ...]``
+            (configuration A, VGG-11).
+        num_classes: outputs of the last fully connected layer.
+        in_channels: input image channels.
+        norm_layer: norm name or ``norm(num_channels)`` factory after every conv (paper: none).
+        act_layer: activation name or factory after every conv and hidden FC (paper: ReLU, §2.1).
+        dropout: dropout on the outputs of the two hidden FCs (§3.1: 0.5).
+    """
+
+    def __init__(
+        self,
+        cfg: Sequence[int | str],
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        norm_layer: str | NormFactory | None = None,
+        act_layer: str | ActFactory = "relu",
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        norm = get_norm_layer(norm_layer)
+        act = get_act_layer(act_layer)
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            elif isinstance(v, str):
+                raise ValueError(f"model.cfg: {v!r} is neither a conv width nor 'M'")
+            else:
+                layers.append(nn.Conv2d(channels, v, kernel_size=3, padding=1))
+                slot = norm(v)
+                # an empty slot (norm=none) adds no module, so torchvision's indices hold
+                if not isinstance(slot, nn.Identity):
+                    layers.append(slot)
+                layers.append(act())
+                channels = v
+        self.features = nn.Sequential(*layers)
+        # torchvision's addition: any input ≥ 32×32 reaches FC6 as 7×7 (the paper's 224 → 7 after five pools)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * 7 * 7, 4096),
+            act(),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, 4096),
+            act(),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, num_classes),
+        )
+
+        # torchvision's init (the paper pre-trained A and used it to start the deeper nets, §3.1; it notes after
+        # submission that Glorot & Bengio 2010 init works without pre-training)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # (N, 512, 7, 7) at 224×224
+        x = self.avgpool(x)  # (N, 512, 7, 7)
+        x = torch.flatten(x, 1)  # (N, 25088)
+        return self.classifier(x)
