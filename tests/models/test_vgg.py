@@ -88,7 +88,13 @@ def test_lecture_vgg16_arithmetic():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "norm", "torchvision"), [("vgg11", "none", "vgg11"), ("vgg16", "batchnorm", "vgg16_bn")]
+    ("name", "norm", "torchvision"),
+    [
+        ("vgg11", "none", "vgg11"),
+        ("vgg16", "none", "vgg16"),
+        ("vgg19", "none", "vgg19"),
+        ("vgg16", "batchnorm", "vgg16_bn"),
+    ],
 )
 def test_logits_equal_torchvision(name, norm, torchvision):
     torch.manual_seed(0)
