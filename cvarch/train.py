@@ -9,10 +9,12 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from cvarch.build import build_datamodule, build_model, build_module, build_trainer
+from cvarch.compare import count_macs
 from cvarch.config import CONFIG_DIR, validate
 
 METRIC_KEYS = ("train/loss", "val/acc", "val/acc_top5", "test/acc", "test/acc_top5")
@@ -23,6 +25,22 @@ def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
     path = Path(output_dir) / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def model_cost(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> dict[str, float]:
+    """Parameters and GMACs of one forward pass of one image (PyTorch's FlopCounterMode / 2)."""
+    was_training = model.training
+    model.eval()  # no running-statistics update from the probe image
+    macs = count_macs(model, torch.zeros(1, *image_shape, device=next(model.parameters()).device))
+    model.train(was_training)
+    return {"params": sum(p.numel() for p in model.parameters()), "gmacs": macs / 1e9}
+
+
+def log_summary(trainer: pl.Trainer, values: dict[str, float]) -> None:
+    """Puts run-level figures (params, GMACs) into the W&B run summary."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.summary.update(values)
 
 
 def finish_loggers(trainer: pl.Trainer) -> None:
@@ -58,9 +76,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_model(cfg, image_shape=datamodule.image_shape)
+    cost = model_cost(model, datamodule.image_shape)
     module = build_module(cfg, model)
     trainer = build_trainer(cfg)
     try:
+        log_summary(trainer, cost)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         best = (
             trainer.checkpoint_callback.best_model_path
@@ -78,7 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{k: float(v) for k, v in {**val, **test}.items() if k in METRIC_KEYS},
         "epochs": trainer.current_epoch,
         "wall_s": round(time.perf_counter() - start, 2),
-        "params": sum(p.numel() for p in model.parameters()),
+        **cost,
         "best_ckpt": best or None,
         "output_dir": str(output_dir),
     }

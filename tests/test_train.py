@@ -14,13 +14,25 @@ import cvarch
 from tests import wandb_log
 from tests.conftest import report, run_cli
 
-METRICS = {"train/loss", "val/acc", "val/acc_top5", "test/acc", "test/acc_top5", "epochs", "wall_s", "params"}
+METRICS = {
+    "train/loss",
+    "val/acc",
+    "val/acc_top5",
+    "test/acc",
+    "test/acc_top5",
+    "epochs",
+    "wall_s",
+    "params",
+    "gmacs",
+}
 
 
 def test_fast_dev_run_of_the_default_config(compose_tmp):
     metrics = cvarch.train(compose_tmp("debug=fdr", "logger=none"))
     assert METRICS <= set(metrics)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["params"] == 269_434
+    # ResNet-20 at 8×8: 1/16 of its 40.6M MACs at 32×32, less the 2 input channels the digits lack
+    assert metrics["gmacs"] == pytest.approx(0.0406 / 16, rel=0.02)
     assert json.loads((Path(metrics["output_dir"]) / "metrics.json").read_text())["params"] == 269_434
 
 
@@ -69,6 +81,8 @@ def test_wandb_offline_run_holds_the_logged_metrics(default_run):
     test_rows = [r for r in rows if "test/acc" in r]
     assert test_rows[-1]["test/acc"] == pytest.approx(metrics["test/acc"])
     assert any("lr-SGD" in r for r in rows)
+    summary = wandb_log.summary(log)
+    assert summary["params"] == 269_434 and summary["gmacs"] == pytest.approx(metrics["gmacs"])
     config = wandb_log.config(log)
     assert config["optimizer"]["lr"] == 0.01 and config["model"]["layers"] == [3, 3, 3]
 

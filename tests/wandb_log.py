@@ -63,3 +63,12 @@ def config(path: str | Path) -> dict[str, object]:
         if r.WhichOneof("record_type") == "config":
             out.update({_key(i): json.loads(i.value_json) for i in r.config.update})
     return out
+
+
+def summary(path: str | Path) -> dict[str, object]:
+    """The run summary as last updated (``run.summary``)."""
+    out: dict[str, object] = {}
+    for r in records(path):
+        if r.WhichOneof("record_type") == "summary":
+            out.update({_key(i): json.loads(i.value_json) for i in r.summary.update})
+    return out

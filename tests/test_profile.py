@@ -1,0 +1,229 @@
+"""cvarch.profile against the lecture's numbers (CS231n 2017 lecture 9): the VGG16 table row by row, AlexNet's
+CONV1/POOL1, the Inception module's cost, receptive fields, GoogLeNet vs AlexNet, and FLOPs vs FlopCounterMode."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from cvarch.profile import (
+    LECTURE,
+    Profile,
+    Row,
+    Totals,
+    googlenet_alexnet_param_ratio,
+    inception_module_macs,
+    profile,
+    profile_model,
+    vgg16_activations,
+    write_profile,
+)
+from tests.conftest import report
+
+ROOT = Path(__file__).resolve().parents[1]
+META = "measure_memory=false"
+
+# The lecture's VGG16 table: (output C, H, W), activations, weights without biases; the input row first.
+VGG16_TABLE = [
+    ((3, 224, 224), 150_528, 0),
+    ((64, 224, 224), 3_211_264, 1_728),
+    ((64, 224, 224), 3_211_264, 36_864),
+    ((64, 112, 112), 802_816, 0),
+    ((128, 112, 112), 1_605_632, 73_728),
+    ((128, 112, 112), 1_605_632, 147_456),
+    ((128, 56, 56), 401_408, 0),
+    ((256, 56, 56), 802_816, 294_912),
+    ((256, 56, 56), 802_816, 589_824),
+    ((256, 56, 56), 802_816, 589_824),
+    ((256, 28, 28), 200_704, 0),
+    ((512, 28, 28), 401_408, 1_179_648),
+    ((512, 28, 28), 401_408, 2_359_296),
+    ((512, 28, 28), 401_408, 2_359_296),
+    ((512, 14, 14), 100_352, 0),
+    ((512, 14, 14), 100_352, 2_359_296),
+    ((512, 14, 14), 100_352, 2_359_296),
+    ((512, 14, 14), 100_352, 2_359_296),
+    ((512, 7, 7), 25_088, 0),
+    ((4096,), 4_096, 102_760_448),
+    ((4096,), 4_096, 16_777_216),
+    ((1000,), 1_000, 4_096_000),
+]
+
+
+@pytest.fixture(scope="module")
+def vgg16() -> Profile:
+    return profile("model=vgg16", "data.channels=3", "data.num_classes=1000", "data.image_size=224", META)
+
+
+def test_vgg16_rows_are_the_lecture_table(vgg16):
+    got = [(r.shape, r.activations, r.params_no_bias) for r in vgg16.rows]
+    assert got == VGG16_TABLE
+    assert [r.type for r in vgg16.rows[1:]] == [
+        "Conv2d" if w and len(s) == 3 else "Linear" if w else "MaxPool2d" for s, _, w in VGG16_TABLE[1:]
+    ]
+    assert vgg16.totals.params == 138_357_544
+    assert vgg16.totals.params_no_bias == sum(w for *_, w in VGG16_TABLE)
+
+
+def test_vgg16_activation_totals_are_summed_not_quoted(vgg16):
+    table_sum = sum(n for _, n, _ in VGG16_TABLE)
+    t = vgg16.totals
+    assert t.activations_with_input == table_sum == 15_237_608
+    assert t.activations == table_sum - 150_528
+    assert t.activations_with_input_mb == pytest.approx(table_sum * 4 / 1e6)
+    assert t.train_memory_estimate_mb == pytest.approx((2 * table_sum * 4 + 3 * 138_357_544 * 4) / 1e6)
+    summary = vgg16_activations()
+    assert summary["activations_with_input"] == table_sum
+    assert summary["lecture_activations"] == LECTURE["vgg16_activations"] == 24_000_000
+    report(
+        f"VGG16 224×224 forward activations: {t.activations_with_input:,} with input "
+        f"({t.activations_with_input_mb:.1f} MB fp32), {t.activations:,} without ({t.activations_mb:.1f} MB); "
+        f"lecture: 24M ≈ 96 MB"
+    )
+
+
+def test_vgg16_receptive_fields(vgg16):
+    convs = [r for r in vgg16.rows if r.type == "Conv2d"]
+    assert [r.rf for r in convs] == [3, 5, 10, 14, 24, 32, 40, 60, 76, 92, 132, 164, 196]
+    pool5 = vgg16.row("features.30")
+    assert (pool5.rf, pool5.jump) == (212, 32)  # the conv stack's output (conv5_3 + pool5): 212
+    assert vgg16.totals.flops == vgg16.totals.flops_counter == 2 * vgg16.totals.macs
+
+
+def test_lecture_alexnet_conv1_and_pool1():
+    p = profile("model=alexnet", "data.channels=3", "data.num_classes=1000", "data.image_size=227", META)
+    conv1, pool1 = p.row("features.0"), p.row("features.2")
+    assert (conv1.shape, conv1.params_no_bias, conv1.params) == ((96, 55, 55), 34_848, 34_944)
+    assert (pool1.shape, pool1.params) == ((96, 27, 27), 0)
+    rfs = [(r.rf, r.jump) for r in p.rows if r.type in ("Conv2d", "MaxPool2d")]
+    # CONV1 POOL1 CONV2 POOL2 CONV3 CONV4 CONV5 POOL3
+    assert rfs == [(11, 4), (19, 8), (51, 8), (67, 16), (99, 16), (131, 16), (163, 16), (195, 32)]
+    assert [r.type for r in p.rows].count("LocalResponseNorm") == 2  # NORM1, NORM2: rows, 0 parameters
+    assert p.totals.params == 62_378_344
+
+
+def test_inception_module_naive_and_reduced_costs():
+    naive = profile("model=inception_module", "data.channels=256", "data.image_size=28", META)
+    assert naive.totals.output_shape == (672, 28, 28)
+    lecture_terms = 28 * 28 * 128 * 256 + 28 * 28 * 192 * 9 * 256 + 28 * 28 * 96 * 25 * 256
+    assert naive.totals.macs == inception_module_macs("naive") == lecture_terms == 854_196_224
+    reduced = inception_module_macs("reduced")
+    three_by_three = 28 * 28 * 192 * 9 * 64
+    assert reduced == 271_351_808
+    assert reduced + three_by_three == 358_055_936  # the lecture's "358M" counts the 3×3 conv twice
+    assert LECTURE["inception_reduced_macs"] == 358_000_000
+    report(
+        f"Inception module 28×28×256: naive {naive.totals.macs:,} MACs, reduced {reduced:,} (lecture 358M)"
+    )
+
+
+def stack(depth: int, channels: int) -> nn.Sequential:
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("depth, rf", [(1, 3), (2, 5), (3, 7)])
+def test_stacked_3x3_convs_see_2n_plus_1(depth, rf):
+    p = profile_model(stack(depth, 8), (8, 16, 16))
+    assert [r.rf for r in p.rows] == [1, *range(3, rf + 1, 2)]
+    assert len(p.rows) == depth + 1  # in-place ReLUs add no row
+
+
+def test_three_3x3_convs_cost_fewer_parameters_than_one_7x7():
+    c = 16
+    three = profile_model(stack(3, c), (c, 16, 16)).totals
+    seven = profile_model(nn.Conv2d(c, c, 7, padding=3, bias=False), (c, 16, 16)).totals
+    assert three.params == 3 * (3**2 * c**2) == 6_912
+    assert seven.params == 7**2 * c**2 == 12_544
+    assert seven.activations == 16 * 16 * c
+    assert three.activations == 3 * 16 * 16 * c
+
+
+def test_flops_equal_flop_counter_for_conv_and_linear_nets():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 5, stride=2, padding=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, groups=2),
+        nn.Flatten(),
+        nn.Linear(16 * 14 * 14, 10),
+    )
+    p = profile_model(model, (3, 32, 32))
+    assert [r.type for r in p.rows] == ["Input", "Conv2d", "Conv2d", "Linear"]
+    assert [r.macs for r in p.rows[1:]] == [8 * 16 * 16 * 3 * 25, 16 * 14 * 14 * 4 * 9, 16 * 14 * 14 * 10]
+    assert p.totals.flops == p.totals.flops_counter == 2 * p.totals.macs
+    assert p.totals.flops_diff == 0
+    assert p.row("4").rf == 9 + (14 - 1) * 2  # the linear layer sees the whole 14×14 map of rf 9, jump 2
+
+
+def test_measured_memory_of_a_training_step():
+    model = stack(2, 8)
+    p = profile_model(model, (8, 32, 32), batch_size=4, measure_memory=True)
+    t = p.totals
+    assert t.measured_with and t.measured_peak_mb > 0
+    # at least the two stored conv outputs of the batch in fp32
+    assert t.measured_peak_mb * 1e6 >= 2 * 4 * 8 * 32 * 32 * 4
+    assert all(q.grad is None for q in model.parameters())
+
+
+def test_googlenet_vs_alexnet_parameters():
+    got = googlenet_alexnet_param_ratio()
+    assert got["alexnet"] == 62_378_344
+    assert got["googlenet"] == 6_998_552
+    assert got["ratio"] == pytest.approx(
+        8.913, abs=1e-3
+    )  # not the lecture's 12×: that is 60M vs Inception-v3 §1's 5M
+    report(f"AlexNet / GoogLeNet parameters: {got['alexnet']:,} / {got['googlenet']:,} = {got['ratio']:.2f}")
+
+
+def test_csv_has_one_line_per_row(tmp_path):
+    p = profile_model(stack(2, 4), (4, 8, 8))
+    assert write_profile(p, tmp_path, "table") is None
+    with write_profile(p, tmp_path, "csv").open() as f:
+        lines = list(csv.DictReader(f))
+    assert [(line["name"], line["shape"], int(line["rf"])) for line in lines] == [
+        ("input", "4x8x8", 1),
+        ("0", "4x8x8", 3),
+        ("2", "4x8x8", 5),
+    ]
+
+
+@pytest.mark.slow
+def test_cli_writes_json_with_the_schema(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cvarch.profile",
+            "model=resnet20",
+            "output=json",
+            f"paths.log_dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    output_dir = Path(proc.stdout.strip().splitlines()[-1])
+    assert output_dir.is_relative_to(tmp_path)
+    data = json.loads((output_dir / "profile.json").read_text())
+    assert set(data) == {"model", "batch_size", "dtype", "rows", "totals"}
+    assert set(data["totals"]) == set(Totals.__dataclass_fields__)
+    assert all(set(row) == set(Row.__dataclass_fields__) for row in data["rows"])
+    assert data["totals"]["input_shape"] == [
+        1,
+        32,
+        32,
+    ]  # digits: 1 channel; no image_size: 32 for a CIFAR net
+    assert data["totals"]["params"] == 269_434  # He et al. 2015 §4.2: 0.27M
+    assert data["totals"]["measured_peak_mb"] > 0
