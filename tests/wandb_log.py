@@ -47,28 +47,25 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
+def _items(path: str | Path, kind: str, field: str) -> list[dict[str, object]]:
+    """For each record of ``kind``, its ``field`` items as a dict of JSON-decoded values."""
+    return [
+        {_key(i): json.loads(i.value_json) for i in getattr(getattr(r, kind), field)}
+        for r in records(path)
+        if r.WhichOneof("record_type") == kind
+    ]
+
+
 def history(path: str | Path) -> list[dict[str, object]]:
-    """The logged history rows (``wandb.log`` calls), decoded from JSON."""
-    rows = []
-    for r in records(path):
-        if r.WhichOneof("record_type") == "history":
-            rows.append({_key(i): json.loads(i.value_json) for i in r.history.item})
-    return rows
+    """The logged history rows (``wandb.log`` calls)."""
+    return _items(path, "history", "item")
 
 
 def config(path: str | Path) -> dict[str, object]:
     """The run config as logged (last value of each key)."""
-    out: dict[str, object] = {}
-    for r in records(path):
-        if r.WhichOneof("record_type") == "config":
-            out.update({_key(i): json.loads(i.value_json) for i in r.config.update})
-    return out
+    return {k: v for update in _items(path, "config", "update") for k, v in update.items()}
 
 
 def summary(path: str | Path) -> dict[str, object]:
     """The run summary as last updated (``run.summary``)."""
-    out: dict[str, object] = {}
-    for r in records(path):
-        if r.WhichOneof("record_type") == "summary":
-            out.update({_key(i): json.loads(i.value_json) for i in r.summary.update})
-    return out
+    return {k: v for update in _items(path, "summary", "update") for k, v in update.items()}
