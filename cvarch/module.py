@@ -84,7 +84,8 @@ class ClassificationModule(pl.LightningModule):
             aux_loss = F.cross_entropy(head, y, label_smoothing=self.label_smoothing)
             loss = loss + self.aux_weight * aux_loss
         penalty = self.regularizer(self.model)
-        if penalty is not None:
+        if penalty is not None:  # logged apart from the data term
+            self.log("train/data_loss", loss, on_step=False, on_epoch=True)
             self.log("train/penalty", penalty, on_step=False, on_epoch=True)
             loss = loss + penalty
         self.train_acc(logits, y)
