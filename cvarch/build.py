@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +38,10 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def build_model(
-    cfg: DictConfig, image_shape: tuple[int, int, int] | None = None, initialize: bool = True
+    cfg: DictConfig,
+    image_shape: tuple[int, int, int] | None = None,
+    initialize: bool = True,
+    batch: torch.Tensor | None = None,
 ) -> nn.Module:
     """Builds ``cfg.model`` with the ``norm`` group in its norm slots, checks its input size, then applies the
     ``init`` and ``transfer`` groups.
@@ -46,6 +50,7 @@ def build_model(
         cfg: a composed run config.
         image_shape: (C, H, W) to check the model against; by default taken from ``data.image_size`` if set.
         initialize: apply ``init`` and ``transfer``; off when a checkpoint's weights replace them anyway.
+        batch: a preprocessed training batch, for data-driven init schemes (LSUV, Mishkin & Matas 2016).
     """
     model = instantiate(cfg.model)
     if image_shape is None and cfg.data.get("image_size"):
@@ -53,7 +58,8 @@ def build_model(
     if image_shape is not None:
         check_input_size(model, image_shape)
     if initialize:
-        model = instantiate(cfg.init)(model)
+        init = instantiate(cfg.init)
+        model = init(model, batch=batch) if batch is not None else init(model)
         model = instantiate(cfg.transfer)(model)
     return model
 
@@ -63,8 +69,16 @@ def build_datamodule(cfg: DictConfig, augment: bool = True) -> ImageDataModule:
     return instantiate(cfg.data, augment=instantiate(cfg.augment) if augment and "augment" in cfg else None)
 
 
-def build_module(cfg: DictConfig, model: nn.Module) -> ClassificationModule:
-    """Wraps ``model`` with the loss, metrics, preprocess, regularizer, optimizer and scheduler of ``cfg``."""
+def build_module(
+    cfg: DictConfig, model: nn.Module, preprocess: nn.Module | None = None
+) -> ClassificationModule:
+    """Wraps ``model`` with the loss, metrics, preprocess, regularizer, optimizer and scheduler of ``cfg``.
+
+    Args:
+        cfg: a composed run config.
+        model: the built model.
+        preprocess: an already fitted ``preprocess`` module; by default a new one is built (and fitted later).
+    """
     scheduler, lightning = scheduler_parts(OmegaConf.to_container(cfg.scheduler, resolve=True))
     return ClassificationModule(
         model=model,
@@ -72,7 +86,7 @@ def build_module(cfg: DictConfig, model: nn.Module) -> ClassificationModule:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(scheduler) if scheduler else None,
         scheduler_options=lightning,
-        preprocess=instantiate(cfg.preprocess),
+        preprocess=preprocess if preprocess is not None else instantiate(cfg.preprocess),
         regularizer=instantiate(cfg.regularizer),
         label_smoothing=cfg.loss.label_smoothing,
         aux_weight=cfg.loss.aux_weight,

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from cvarch.build import build_datamodule, build_model, build_module, build_trainer
+from cvarch.build import build_datamodule, build_model, build_module, build_trainer, instantiate
 from cvarch.compare import count_macs
 from cvarch.config import CONFIG_DIR, validate
 
@@ -75,9 +75,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = build_model(cfg, image_shape=datamodule.image_shape)
+    preprocess = instantiate(cfg.preprocess)
+    preprocess.fit(datamodule.train_images)  # on the training split only, before init may need a batch
+    batch = None
+    if cfg.init.get("scheme") == "lsuv":  # data-driven init: the first training batch, as the model sees it
+        batch = preprocess(next(iter(datamodule.train_dataloader()))[0])
+    model = build_model(cfg, image_shape=datamodule.image_shape, batch=batch)
     cost = model_cost(model, datamodule.image_shape)
-    module = build_module(cfg, model)
+    module = build_module(cfg, model, preprocess=preprocess)
     trainer = build_trainer(cfg)
     try:
         log_summary(trainer, cost)
