@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from torch import nn
 
 CURVES = (("loss", ("train/loss", "val/loss")), ("accuracy", ("train/acc", "val/acc")))
 
@@ -79,3 +82,143 @@ class LearningCurves(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.GELU, nn.ELU, nn.SiLU)
+
+
+class ActivationStats(pl.Callback):
+    """Per-layer activation statistics and gradient norms, as the lecture's initialization study plots them.
+
+    At the first training step and every ``every_n_steps`` after it, the output of every activation module
+    (the lecture's hidden layers ``H = f(W·X)``) is recorded: mean, std, the fraction saturated
+    (``|a| > saturation``) and a histogram; after that step's backward, the gradient norm of each layer's
+    weights ("think about the backward pass: what do the gradients look like?"). Written to
+    ``activation_stats.json`` and drawn to ``activation_stats.png`` (per-layer mean and std, then a row of
+    per-layer histograms of the first record); each record also goes to W&B as histograms when it is on.
+
+    Args:
+        dirpath: folder of the JSON and PNG files.
+        every_n_steps: record period in optimizer steps (the first step is always recorded).
+        bins: histogram bins.
+        saturation: |activation| above which a unit counts as saturated (tanh: 0.95).
+        hist_range: histogram range shared by all layers, so a collapse shows (the lecture's
+            ``plt.hist(H, 30, range=(-1, 1))``); ``None`` uses each layer's own range.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_steps: int = 100,
+        bins: int = 30,
+        saturation: float = 0.95,
+        hist_range: Sequence[float] | None = (-1.0, 1.0),
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.bins = bins
+        self.saturation = saturation
+        self.hist_range = tuple(hist_range) if hist_range is not None else None
+        self.records: list[dict[str, Any]] = []
+        self._hooks: list[Any] = []
+        self._current: dict[str, Any] | None = None
+
+    def _layers(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in pl_module.model.named_modules() if isinstance(m, ACTIVATIONS)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps:
+            return
+        self._current = {"step": step, "layers": []}
+        for name, module in self._layers(pl_module):
+            self._hooks.append(module.register_forward_hook(self._recorder(name)))
+
+    def _recorder(self, name: str):
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            a = output.detach().float()
+            low, high = self.hist_range or (float(a.min()), float(a.max()))
+            if high <= low:
+                high = low + 1e-12
+            counts = torch.histc(a, bins=self.bins, min=low, max=high)
+            self._current["layers"].append(
+                {
+                    "name": name,
+                    "mean": float(a.mean()),
+                    "std": float(a.std()),
+                    "saturated": float((a.abs() > self.saturation).float().mean()),
+                    "hist": counts.tolist(),
+                    "range": [low, high],
+                }
+            )
+
+        return hook
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self._current is None:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        weights = [m.weight for m in pl_module.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        norms = [float(w.grad.norm()) if w.grad is not None else 0.0 for w in weights]
+        self._current["grad_norms"] = norms
+        self.records.append(self._current)
+        self._log_wandb(trainer, self._current)
+        self._current = None
+
+    def _log_wandb(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                data = {}
+                for layer in record["layers"]:
+                    edges = torch.linspace(*layer["range"], self.bins + 1).tolist()
+                    data[f"activations/{layer['name']}"] = wandb.Histogram(
+                        np_histogram=(layer["hist"], edges)
+                    )
+                    data[f"activation_std/{layer['name']}"] = layer["std"]
+                logger.log_metrics(data, step=record["step"])  # keyed by trainer/global_step, as Lightning logs
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.records:
+            self.save()
+
+    def save(self) -> Path:
+        """Writes ``activation_stats.json`` and the lecture-style figure; returns the figure's path."""
+        from matplotlib.figure import Figure
+
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / "activation_stats.json").write_text(json.dumps(self.records))
+        first = self.records[0]["layers"]
+        n = len(first)
+        fig = Figure(figsize=(max(8, 1.6 * n), 6))
+        top = fig.subplots(2, 2, gridspec_kw={"height_ratios": [1, 1]})[0]
+        layers = range(1, n + 1)
+        top[0].plot(layers, [layer["mean"] for layer in first], "ob-")
+        top[0].set_title("layer mean")
+        top[1].plot(layers, [layer["std"] for layer in first], "or-")
+        top[1].set_title("layer std")
+        for ax in top:
+            ax.set_xlabel("layer")
+        fig.axes[2].remove()
+        fig.axes[2].remove()
+        for i, layer in enumerate(first):
+            ax = fig.add_subplot(2, n, n + i + 1)
+            edges = torch.linspace(*layer["range"], self.bins + 1)
+            ax.bar(edges[:-1].tolist(), layer["hist"], width=float(edges[1] - edges[0]), align="edge")
+            ax.set_title(f"{i + 1}", fontsize=8)
+            ax.set_yticks([])
+            ax.tick_params(labelsize=6)
+        fig.suptitle(f"activations at step {self.records[0]['step']}")
+        fig.tight_layout()
+        path = self.dirpath / "activation_stats.png"
+        fig.savefig(path, dpi=90)
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": self.records}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.records = list(state_dict.get("records", []))

@@ -141,8 +141,8 @@ class ImageDataModule(pl.LightningDataModule):
             return
         splits = self._cached(self.load_splits)
         for name, split in splits.items():
-            if split.images.dtype != torch.uint8 or split.images.ndim != 4:
-                raise TypeError(f"{type(self).__name__}: split {name!r} must be uint8 (N, C, H, W)")
+            if split.images.ndim != 4 or not (split.images.dtype == torch.uint8 or split.images.is_floating_point()):
+                raise TypeError(f"{type(self).__name__}: split {name!r} must be uint8 or float (N, C, H, W)")
             if split.images.shape[1] != self.channels:
                 raise ValueError(
                     f"data.channels={self.channels} but the {name} images have {split.images.shape[1]} channels"
@@ -465,3 +465,32 @@ class FakeDataModule(ImageDataModule):
                 images = images.expand(-1, self.channels, -1, -1).contiguous()
             splits[name] = Split(images, torch.tensor([int(t) for _, t in pairs], dtype=torch.long))
         return splits
+
+
+class GaussianDataModule(ImageDataModule):
+    """Unit-Gaussian input vectors with random labels: the lecture's weight-initialization study ("assume some
+    unit gaussian 10-D input data": ``D = np.random.randn(1000, 500)``).
+
+    Samples are float (N, features, 1, 1) tensors, so a flattening model (``model=mlp``) sees 500-vectors; use
+    ``preprocess=none`` (floats pass through unchanged).
+
+    Args:
+        train_size: vectors in the training split (lecture: 1000).
+        val_size: vectors in the validation split.
+        test_size: vectors in the test split.
+        **kwargs: see :class:`ImageDataModule`; ``channels`` is the vector length (lecture: 500).
+    """
+
+    def __init__(self, train_size: int = 1000, val_size: int = 100, test_size: int = 100, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+
+    def load_splits(self) -> dict[str, Split]:
+        gen = torch.Generator().manual_seed(self.split_seed)
+        return {
+            name: Split(
+                torch.randn(size, self.channels, 1, 1, generator=gen),
+                torch.randint(0, self.num_classes, (size,), generator=gen),
+            )
+            for name, size in self.sizes.items()
+        }

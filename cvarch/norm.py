@@ -79,13 +79,17 @@ def lrn(
 class GroupNorm(nn.GroupNorm):
     """Group normalization (Wu & He 2018) called as ``norm(num_channels)``, with ``groups`` fixed up front.
 
+    A layer narrower than G gets one channel per group (G = C), so G=32 also fills the 16-channel layers of the
+    CIFAR ResNets.
+
     Args:
-        num_channels: channels C; must be divisible by ``groups``.
+        num_channels: channels C; must be divisible by ``groups`` when C > ``groups``.
         groups: channel groups G (paper default 32).
         eps: added to the variance.
     """
 
     def __init__(self, num_channels: int, groups: int = 32, eps: float = 1e-5) -> None:
+        groups = min(groups, num_channels)
         if num_channels % groups:
             raise ValueError(f"norm.groups={groups} does not divide a layer's {num_channels} channels")
         super().__init__(groups, num_channels, eps=eps)

@@ -1,10 +1,12 @@
-"""LearningCurves: per-epoch history, the PNG, and resumable state."""
+"""LearningCurves and ActivationStats: histories, figures, W&B, and the lecture's init-study numbers."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib.image
+import pytest
 
 from cvarch.callbacks import LearningCurves
 
@@ -23,3 +25,35 @@ def test_history_is_saved_as_json_and_png(tmp_path):
     resumed = LearningCurves(str(tmp_path))
     resumed.load_state_dict(cb.state_dict())
     assert resumed.history == cb.history
+
+
+def test_init_study_reproduces_the_lecture_activation_statistics(compose_tmp):
+    """experiment=init_study with N(0, 0.01) and tanh: the lecture's printed stds, layer by layer."""
+    import cvarch
+
+    metrics = cvarch.train(compose_tmp("experiment=init_study", "logger=none"))
+    out = Path(metrics["output_dir"])
+    record = json.loads((out / "activation_stats.json").read_text())[0]
+    assert record["step"] == 0 and len(record["layers"]) == 10
+    stds = [layer["std"] for layer in record["layers"]]
+    # the lecture: 0.213081, 0.047551, 0.010630, 0.002378, 0.000532, 0.000119, …; the ratio per layer is
+    # 0.01·sqrt(500) ≈ 0.22, so layer 10 is ~1e-7: "all activations become zero"
+    lecture = [0.213081, 0.047551, 0.010630, 0.002378, 0.000532, 0.000119]
+    for ours, theirs in zip(stds, lecture, strict=False):
+        assert ours == pytest.approx(theirs, rel=0.05)
+    assert stds[-1] < 1e-4
+    assert all(n < 1e-5 for n in record["grad_norms"][:-1])  # "what do the gradients look like?": vanishing
+    assert matplotlib.image.imread(out / "activation_stats.png").shape[0] > 0
+
+
+@pytest.mark.slow
+def test_activation_stats_reach_wandb(compose_tmp):
+    import cvarch
+    from tests import wandb_log
+
+    metrics = cvarch.train(compose_tmp("experiment=init_study", "init=xavier"))
+    log = next(Path(metrics["output_dir"]).glob("wandb/offline-run-*/run-*.wandb"))
+    rows = [r for r in wandb_log.history(log) if "activation_std/hidden.9.act" in r]
+    assert len(rows) == 1 and 0.1 < rows[0]["activation_std/hidden.9.act"] < 0.5  # Xavier + tanh holds up
+    assert rows[0]["activations/hidden.0.act/_type"] == "histogram"  # nested keys, flattened by the reader
+    assert sum(rows[0]["activations/hidden.0.act/values"]) > 0

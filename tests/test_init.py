@@ -1,0 +1,199 @@
+"""cvarch/init.py: each scheme's weight statistics against its formula, and the lecture's activation study."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+import cvarch
+from cvarch.config import CONFIG_DIR
+from cvarch.init import apply_init
+
+OPTIONS = sorted(p.stem for p in (Path(CONFIG_DIR) / "init").glob("*.yaml"))
+
+
+def _zoo() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.Flatten(2),
+        nn.Conv1d(8, 8, 1),
+        nn.Flatten(),
+        nn.LayerNorm(8 * 4 * 4),
+        nn.Linear(8 * 4 * 4, 10),
+    )
+
+
+def _init(module: nn.Module, scheme: str, **options) -> nn.Module:
+    torch.manual_seed(0)
+    return apply_init(module, scheme, **options)
+
+
+@pytest.mark.parametrize("scheme", [s for s in OPTIONS if s != "default"])
+def test_biases_zero_and_norms_identity_after_every_scheme(scheme):
+    model = _zoo()
+    for p in model.parameters():
+        nn.init.normal_(p)
+    batch = torch.randn(16, 3, 4, 4)
+    extra = {"batch": batch} if scheme == "lsuv" else {}
+    model = instantiate(OmegaConf.load(Path(CONFIG_DIR) / "init" / f"{scheme}.yaml"))(model, **extra)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            assert torch.all(m.bias == 0)
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+
+def test_default_changes_nothing():
+    model = _zoo()
+    before = [p.clone() for p in model.parameters()]
+    assert apply_init(model) is model
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("layer", "options", "std"),
+    [
+        (nn.Linear(1000, 500), {"scheme": "normal"}, 0.01),
+        (nn.Linear(1000, 500), {"scheme": "xavier", "mode": "fan_in", "distribution": "normal"}, 1000**-0.5),
+        (
+            nn.Linear(1000, 500),
+            {"scheme": "xavier", "mode": "fan_avg", "distribution": "normal"},
+            (2 / 1500) ** 0.5,
+        ),
+        (nn.Linear(1000, 500), {"scheme": "xavier"}, (2 / 1500) ** 0.5),
+        (nn.Conv2d(64, 128, 3), {"scheme": "xavier", "mode": "fan_out", "gain": 2.0}, 2 * (128 * 9) ** -0.5),
+        (nn.Linear(1000, 500), {"scheme": "kaiming"}, (2 / 1000) ** 0.5),
+        (nn.Conv2d(64, 128, 3), {"scheme": "kaiming"}, (2 / (64 * 9)) ** 0.5),
+        (nn.Conv2d(64, 128, 3), {"scheme": "kaiming", "mode": "fan_out"}, (2 / (128 * 9)) ** 0.5),
+        (nn.Conv2d(64, 128, 3), {"scheme": "kaiming", "distribution": "uniform"}, (2 / (64 * 9)) ** 0.5),
+        (nn.Linear(1000, 500), {"scheme": "kaiming", "nonlinearity": "tanh"}, 5 / 3 * 1000**-0.5),
+    ],
+)
+def test_weight_std_matches_formula(layer, options, std):
+    w = _init(layer, **options).weight
+    assert w.std().item() == pytest.approx(std, rel=0.03)
+    assert abs(w.mean().item()) < 0.05 * std
+
+
+def test_uniform_modes_stay_inside_their_bound():
+    w = _init(nn.Linear(1000, 500), "xavier").weight  # Glorot eq. (16): U(±√(6/(fan_in+fan_out)))
+    bound = math.sqrt(6 / 1500)
+    assert w.abs().max().item() <= bound
+    assert w.abs().max().item() > 0.99 * bound
+
+
+def test_orthogonal_square_layer():
+    w = _init(nn.Linear(256, 256), "orthogonal").weight
+    assert torch.allclose(w.T @ w, torch.eye(256), atol=1e-4)
+    w = _init(nn.Linear(256, 256), "orthogonal", gain=2.0).weight
+    assert torch.allclose(w.T @ w, 4 * torch.eye(256), atol=1e-3)
+
+
+def test_constant_init_makes_every_hidden_unit_identical():
+    """The symmetry problem on a real forward/backward: equal weights → equal activations and gradients."""
+    model = cvarch.build_model(
+        "model=mlp", "model.depth=3", "model.width=32", "init=constant", "init.value=0.01"
+    )
+    acts = []
+    for block in model.hidden:
+        block.act.register_forward_hook(lambda m, i, o: acts.append(o))
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    out = model(x)
+    ((out - torch.randn_like(out)) ** 2).mean().backward()
+    for a in acts:
+        assert torch.allclose(a, a[:, :1].expand_as(a))
+        assert a.abs().max() > 0
+    for block in model.hidden:
+        g = block.fc.weight.grad
+        assert g.abs().max() > 0
+        assert torch.allclose(g, g[:1].expand_as(g), rtol=1e-5, atol=1e-12)
+
+
+def test_zero_init_last_zeroes_the_last_norm_of_each_resnet_block():
+    model = cvarch.build_model("model=resnet20", "init=kaiming", "init.zero_init_last=true")
+    blocks = [m for m in model.modules() if hasattr(m, "zero_init_last")]
+    assert len(blocks) == 9  # ResNet-20: 3 stages × 3 basic blocks
+    for block in blocks:
+        assert torch.all(block.bn2.weight == 0)
+        assert torch.all(block.bn1.weight == 1)
+    plain = cvarch.build_model("model=resnet20", "init=kaiming")
+    assert all(torch.all(m.bn2.weight == 1) for m in plain.modules() if hasattr(m, "zero_init_last"))
+
+
+def test_lsuv_gives_unit_output_variance_on_its_batch():
+    torch.manual_seed(0)
+    overrides = ("model=resnet20", "norm=none", "data.channels=3", "data.image_size=32", "init=orthogonal")
+    model = cvarch.build_model(*overrides)
+    batch = torch.randn(32, 3, 32, 32)
+    apply_init(model, "lsuv", batch=batch, tol=0.1)
+    outputs = {}
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in layers:
+        m.register_forward_hook(lambda m, i, o: outputs.__setitem__(m, o.var().item()))
+    with torch.no_grad():
+        logits = model(batch)
+    assert logits.shape == (32, cvarch.compose(*overrides).model.num_classes) and torch.isfinite(logits).all()
+    assert len(outputs) == len(layers)
+    assert all(abs(v - 1) < 0.1 for v in outputs.values()), outputs
+
+
+def test_lsuv_without_batch_and_bad_options_raise():
+    with pytest.raises(ValueError, match=r"init\.scheme=lsuv.*batch is required"):
+        apply_init(nn.Linear(2, 2), "lsuv")
+    with pytest.raises(ValueError, match=r"init\.scheme='nope'.*kaiming"):
+        apply_init(nn.Linear(2, 2), "nope")
+    with pytest.raises(ValueError, match=r"init\.std .*valid: \['distribution', 'gain', 'mode'"):
+        apply_init(nn.Linear(2, 2), "xavier", std=1.0)
+    with pytest.raises(ValueError, match=r"init\.mode='fan_avg'.*\['fan_in', 'fan_out'\]"):
+        apply_init(nn.Linear(2, 2), "kaiming", mode="fan_avg")
+    with pytest.raises(ValueError, match=r"init\.distribution='gauss'.*\['normal', 'uniform'\]"):
+        apply_init(nn.Linear(2, 2), "xavier", distribution="gauss")
+    with pytest.raises(ValueError, match=r"init\.nonlinearity='swish'"):
+        apply_init(nn.Linear(2, 2), "kaiming", nonlinearity="swish")
+
+
+def _layer10(*overrides: str) -> torch.Tensor:
+    """Activations of hidden layer 10 of the lecture's 10 × 500 MLP on unit-Gaussian input 1000 × 500."""
+    torch.manual_seed(0)
+    model = cvarch.build_model("model=mlp", "model.in_features=500", *overrides)
+    acts = []
+    for block in model.hidden:
+        block.act.register_forward_hook(lambda m, i, o: acts.append(o))
+    with torch.no_grad():
+        model(torch.randn(1000, 500))
+    assert len(acts) == 10
+    return acts[-1]
+
+
+def test_lecture_small_random_tanh_activations_collapse_to_zero():
+    assert _layer10("model.act_layer=tanh", "init=normal", "init.std=0.01").std() < 1e-4
+
+
+def test_lecture_unit_random_tanh_saturates():
+    a = _layer10("model.act_layer=tanh", "init=normal", "init.std=1.0")
+    assert (a.abs() > 0.95).float().mean() > 0.5
+
+
+def test_lecture_xavier_tanh_keeps_a_reasonable_scale():
+    a = _layer10("model.act_layer=tanh", "init=xavier", "init.mode=fan_in", "init.distribution=normal")
+    assert 0.1 < a.std() < 0.5
+
+
+def test_lecture_xavier_relu_activations_decay():
+    a = _layer10("model.act_layer=relu", "init=xavier", "init.mode=fan_in", "init.distribution=normal")
+    assert a.std() < 0.1  # post-ReLU: each layer halves the variance
+
+
+def test_lecture_kaiming_relu_keeps_the_scale():
+    assert 0.4 < _layer10("model.act_layer=relu", "init=kaiming").std() < 1.5
