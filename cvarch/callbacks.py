@@ -179,7 +179,9 @@ class ActivationStats(pl.Callback):
                         np_histogram=(layer["hist"], edges)
                     )
                     data[f"activation_std/{layer['name']}"] = layer["std"]
-                logger.log_metrics(data, step=record["step"])  # keyed by trainer/global_step, as Lightning logs
+                logger.log_metrics(
+                    data, step=record["step"]
+                )  # keyed by trainer/global_step, as Lightning logs
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.records:

@@ -141,7 +141,9 @@ class ImageDataModule(pl.LightningDataModule):
             return
         splits = self._cached(self.load_splits)
         for name, split in splits.items():
-            if split.images.ndim != 4 or not (split.images.dtype == torch.uint8 or split.images.is_floating_point()):
+            if split.images.ndim != 4 or not (
+                split.images.dtype == torch.uint8 or split.images.is_floating_point()
+            ):
                 raise TypeError(f"{type(self).__name__}: split {name!r} must be uint8 or float (N, C, H, W)")
             if split.images.shape[1] != self.channels:
                 raise ValueError(

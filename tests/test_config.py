@@ -54,7 +54,9 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
             assert x.dtype == torch.uint8 and x.shape[1] == cfg.data.channels
     elif group in ("init", "transfer"):
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-        extra = {"batch": torch.randn(2, 3, 8, 8)} if cfg[group].get("scheme") == "lsuv" else {}  # data-driven
+        extra = (
+            {"batch": torch.randn(2, 3, 8, 8)} if cfg[group].get("scheme") == "lsuv" else {}
+        )  # data-driven
         assert instantiate(cfg[group])(model, **extra) is model
     elif group == "norm":
         layer = instantiate(cfg.norm)(64)
