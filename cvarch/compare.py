@@ -32,30 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cvarch.build import build_all, build_model
 from cvarch.config import CONFIG_DIR, compose
+from cvarch.models import native_size
 from cvarch.profile import profile_model
 
 CSV_NAME = "compare.csv"
 ACCURACY_PLOT = "accuracy_vs_gmacs.png"
 TIME_PLOT = "forward_time_vs_batch_size.png"
-IMAGENET_SIZE = 224  # He 2015, Simonyan 2014, Szegedy 2014, Huang 2017, Iandola 2016: 224×224 crops
-CIFAR_SIZE = 32
-# Native size when a model config does not fix one itself (``image_size``, the lecture AlexNet's 227): CIFAR nets
-# say ``stem: cifar``; FractalNet (Larsson 2017 §4) is CIFAR-only and has no stem key; every other family is an
-# ImageNet net. Kept in step with conf/model/*.yaml's header comments and tests/models/test_configs.py.
-CIFAR_TARGETS = ("cvarch.models.fractalnet.FractalNet",)
-
-
-def native_size(model_cfg: DictConfig) -> int:
-    """The square input side a model config was designed for (Canziani 2017 §2 measures each net at its own).
-
-    Args:
-        model_cfg: the ``model`` node of a composed config.
-    """
-    if model_cfg.get("image_size"):
-        return int(model_cfg.image_size)
-    if model_cfg.get("stem") == "cifar" or model_cfg.get("_target_") in CIFAR_TARGETS:
-        return CIFAR_SIZE
-    return IMAGENET_SIZE
 
 
 def resolve_device(device: str) -> torch.device:

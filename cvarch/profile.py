@@ -57,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cvarch.build import build_model
 from cvarch.config import CONFIG_DIR, compose
+from cvarch.models import native_size
 
 MB = 1e6  # decimal megabytes, as the lecture's "24M * 4 bytes ~= 96MB"
 FP32_BYTES = 4
@@ -242,14 +243,6 @@ def _meta_forward(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     return functional_call(model, tensors, (torch.empty(shape, device="meta"),), strict=False)
 
 
-def _accepts(model: nn.Module, shape: tuple[int, int, int]) -> bool:
-    try:
-        _meta_forward(model, (1, *shape))
-    except RuntimeError:
-        return False
-    return True
-
-
 def profile_model(
     model: nn.Module,
     input_shape: tuple[int, int, int],
@@ -430,14 +423,11 @@ def _profiler_peak(prof: torch.profiler.profile) -> int:
     return peak
 
 
-def input_shape_of(cfg: DictConfig, model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) to profile: ``data.image_size`` if set, else the model config's own ``image_size`` (the
-    lecture's AlexNet: 227), else 32 (the CIFAR nets) if the model accepts it, else 224 (ImageNet)."""
-    channels = cfg.data.channels
-    side = cfg.data.get("image_size") or cfg.model.get("image_size")
-    if not side:
-        side = 32 if _accepts(model, (channels, 32, 32)) else 224
-    return channels, side, side
+def input_shape_of(cfg: DictConfig) -> tuple[int, int, int]:
+    """(C, H, W) to profile: ``data.image_size`` if set, else the model's native size
+    (:func:`cvarch.models.native_size`: its config's own ``image_size``, 32 for CIFAR nets, 224 otherwise)."""
+    side = cfg.data.get("image_size") or native_size(cfg.model)
+    return cfg.data.channels, side, side
 
 
 def profile_config(cfg: DictConfig) -> Profile:
@@ -451,7 +441,7 @@ def profile_config(cfg: DictConfig) -> Profile:
         model = model.cuda()
     return profile_model(
         model,
-        input_shape_of(cfg, model),
+        input_shape_of(cfg),
         batch_size=cfg.batch_size,
         dtype=getattr(torch, cfg.dtype),
         measure_memory=cfg.measure_memory,

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import cvarch
 from cvarch import compare as cmp
 from cvarch.config import CONFIG_DIR
+from cvarch.models import native_size
 from tests import wandb_log
 from tests.conftest import ROOT
 from tests.models.test_configs import native_size as expected_native_size
@@ -181,7 +182,7 @@ def test_a_results_csv_without_a_top1_column_is_named(tmp_path):
 @pytest.mark.parametrize("name", RGB_MODELS)
 def test_native_size_is_the_one_the_model_configs_are_tested_at(name):
     cfg = cvarch.compose(f"model={name}", "data.channels=3")
-    assert cmp.native_size(cfg.model) == expected_native_size(name)
+    assert native_size(cfg.model) == expected_native_size(name)
 
 
 def test_wandb_gets_the_table_and_both_plots(tmp_path):

@@ -227,3 +227,14 @@ def test_cli_writes_json_with_the_schema(tmp_path):
     ]  # digits: 1 channel; no image_size: 32 for a CIFAR net
     assert data["totals"]["params"] == 269_434  # He et al. 2015 §4.2: 0.27M
     assert data["totals"]["measured_peak_mb"] > 0
+
+
+def test_default_input_is_the_models_native_size():
+    """Without data.image_size, each net is profiled at its native size (VGG16 accepts 32×32 too, but is 224)."""
+    from cvarch.profile import profile
+
+    sizes = {
+        name: profile(f"model={name}", "data.channels=3", "measure_memory=false").totals.input_shape
+        for name in ("vgg16", "alexnet", "resnet20")
+    }
+    assert sizes == {"vgg16": (3, 224, 224), "alexnet": (3, 227, 227), "resnet20": (3, 32, 32)}

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from torch.func import functional_call
 
@@ -101,3 +102,24 @@ def check_input_size(model: nn.Module, image_shape: tuple[int, int, int]) -> Non
         f"input {height}×{width}×{channels} does not fit {name} at layer '{layer}' ({error}); "
         f"the smallest square input that works is {smallest}×{smallest} (set data.image_size)"
     )
+
+
+IMAGENET_SIZE = 224  # He 2015, Simonyan 2014, Szegedy 2014, Huang 2017, Iandola 2016: 224×224 crops
+CIFAR_SIZE = 32
+# Native size when a model config does not fix one itself (``image_size``, the lecture AlexNet's 227): CIFAR nets
+# say ``stem: cifar``; FractalNet (Larsson 2017 §4) is CIFAR-only and has no stem key; every other family is an
+# ImageNet net. Kept in step with conf/model/*.yaml's header comments and tests/models/test_configs.py.
+CIFAR_TARGETS = ("cvarch.models.fractalnet.FractalNet",)
+
+
+def native_size(model_cfg: DictConfig) -> int:
+    """The square input side a model config was designed for (Canziani 2017 §2 measures each net at its own).
+
+    Args:
+        model_cfg: the ``model`` node of a composed config.
+    """
+    if model_cfg.get("image_size"):
+        return int(model_cfg.image_size)
+    if model_cfg.get("stem") == "cifar" or model_cfg.get("_target_") in CIFAR_TARGETS:
+        return CIFAR_SIZE
+    return IMAGENET_SIZE
