@@ -1,30 +1,584 @@
-"""The ``augment`` group: random transforms of training images, applied to uint8 (C, H, W) tensors.
+"""The ``augment`` group: random transforms of training batches, as batched tensor ops on the model's device.
 
-Options list torchvision ``transforms.v2`` transforms as data (``transforms: [{_target_: ...}, ...]``);
-validation and test images are never augmented.
+The LightningModule calls :class:`Augment` on each training batch after it reaches the device, so no op works
+per image in PIL or in the DataLoader workers. Every random number comes from one ``torch.Generator`` on the
+batch's device, seeded with the run's ``seed``, so a run is reproducible from its seed and its checkpoint.
+Options are dicts of named ops (``conf/augment/<option>.yaml``); a list of options on the command line
+(``augment=[cifar,cutout]``) merges their ops, and :class:`Augment` runs them in the order of their ``stage``:
+geometric, colour, erasing, label mixing. Validation and test batches are never augmented.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import warnings
+from collections.abc import Mapping, Sequence
 
 import torch
-from torchvision.transforms import v2
+import torch.nn.functional as F
+from torch import nn
+
+# candidates drawn per Gamma sample: Marsaglia–Tsang accepts each with probability > 0.95 for shape ≥ 1,
+# so all 16 fail with probability < 0.05^16 ≈ 1.5e-21 and no Python loop (or device sync) is needed
+GAMMA_CANDIDATES = 16
 
 
-class Augment:
-    """A composition of per-sample training transforms; an empty list is the identity.
+class AugmentOp(nn.Module):
+    """Base of every augmentation op: a random map of a float batch and its targets.
 
-    Args:
-        transforms: callables on uint8 (C, H, W) tensors, applied in order.
+    Subclasses set ``stage`` (the order :class:`Augment` runs them in: 0 geometric, 1 colour, 2 erasing,
+    3 label mixing) and implement ``forward(x, y, generator)`` on float (N, C, H, W) images in [0, 1] and
+    int64 (N,) labels or float (N, K) soft targets.
     """
 
-    def __init__(self, transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()) -> None:
-        self.transforms = list(transforms)
-        self.pipeline = v2.Compose(self.transforms) if self.transforms else None
+    stage: int = 0
+    padding: int = 0  # zero padding of the random crop; only Crop sets it, test-time views reuse it
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return image if self.pipeline is None else self.pipeline(image)
+    def output_size(self, size: int) -> int:
+        """Side of the images this op outputs, given the side of its input images."""
+        return size
 
-    def __repr__(self) -> str:
-        return f"Augment({self.transforms})"
+    def fit(self, images: torch.Tensor) -> None:
+        """Fits statistics on the uint8 (N, C, H, W) training split; most ops have none."""
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class Augment(nn.Module):
+    """The training-batch augmentation: named ops run in the order of their stage, from one seeded generator.
+
+    Krizhevsky et al. 2012 §4.1 and He et al. 2015 §3.4, §4.2 augment on the fly, a fresh draw at every visit
+    of an image; so does this module, at every call.
+
+    Args:
+        ops: augmentation ops by name (the keys of ``augment.ops``); sorted stably by ``stage``. Empty or
+            ``None``: no augmentation, batches pass through unchanged (still uint8).
+        seed: seed of the generator, created on the batch's device at the first call.
+    """
+
+    def __init__(self, ops: Mapping[str, AugmentOp] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        ops = dict((ops or {}).items())
+        for name, op in ops.items():
+            if not isinstance(op, AugmentOp):
+                raise TypeError(f"augment.ops.{name} must build a cvarch.augment op, got {type(op).__name__}")
+        self.ops = nn.ModuleDict(sorted(ops.items(), key=lambda item: item[1].stage))  # sorted() is stable
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._pending_state: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    @property
+    def padding(self) -> int:
+        """The random crop's zero padding, or 0 without one."""
+        return next((op.padding for op in self.ops.values() if op.padding), 0)
+
+    def output_size(self, size: int) -> int:
+        """Side of the augmented images, given the side of the training images."""
+        for op in self.ops.values():
+            size = op.output_size(size)
+        return size
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> None:
+        """Fits every op on the uint8 (N, C, H, W) training split; re-run whenever a run starts or resumes."""
+        for op in self.ops.values():
+            op.fit(images)
+
+    def rng_state(self) -> torch.Tensor | None:
+        """The generator's state, for checkpoints; ``None`` before the first call."""
+        if self._generator is None:
+            return self._pending_state
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restores a state from :meth:`rng_state`; applied at the next call, on the batch's device."""
+        self._pending_state = state.clone()
+        if self._generator is not None:
+            self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        state, self._pending_state = self._pending_state, None
+        if state.numel() != self._generator.get_state().numel():
+            # a CPU state (mt19937) and a CUDA state (seed, offset) differ in layout: a run resumed on another
+            # kind of device keeps its seed but not its exact stream
+            warnings.warn(
+                f"the augment generator state from the checkpoint does not fit a generator on "
+                f"{self._generator.device}; augmentation restarts from seed={self.seed}",
+                stacklevel=3,
+            )
+            return
+        self._generator.set_state(state)
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            # a generator draws only on its own device: a module moved to another one starts again from seed
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        if self._pending_state is not None:
+            self._apply_pending_state()
+        return self._generator
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.ops:
+            return x, y
+        generator = self._generator_on(x.device)
+        x = x.float().div(255.0) if x.dtype == torch.uint8 else x
+        for op in self.ops.values():
+            x, y = op(x, y, generator)
+        return x, y
+
+
+def _rand(n: int, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``n`` uniform draws in [0, 1) on x's device."""
+    return torch.rand(n, generator=generator, device=x.device)
+
+
+def _resample(
+    x: torch.Tensor,
+    top: torch.Tensor,
+    left: torch.Tensor,
+    height: torch.Tensor,
+    width: torch.Tensor,
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Bilinear resampling of one window per image to ``size``: windows in pixel units, float (N,) each.
+
+    A pixel i of the output samples the input at ``top + (i + 0.5)·height/out_h`` (half-pixel centres, as
+    ``F.interpolate`` with ``align_corners=False``), so it equals cropping then resizing, or resizing then
+    cropping, without an image-sized copy per image. Samples beyond the border repeat the edge pixel, as
+    ``F.interpolate`` does.
+    """
+    n, _, h, w = x.shape
+    theta = x.new_zeros(n, 2, 3)
+    theta[:, 0, 0] = width / w
+    theta[:, 0, 2] = (2 * left + width) / w - 1
+    theta[:, 1, 1] = height / h
+    theta[:, 1, 2] = (2 * top + height) / h - 1
+    grid = F.affine_grid(theta, [n, x.shape[1], *size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _box_mask(
+    top: torch.Tensor,
+    left: torch.Tensor,
+    size_h: int,
+    size_w: int,
+    shape: Sequence[int],
+    device: torch.device,
+) -> torch.Tensor:
+    """Bool (N, 1, H, W) mask of the boxes [top, top + size_h) × [left, left + size_w), clipped."""
+    rows = torch.arange(shape[-2], device=device).view(1, 1, -1, 1)
+    cols = torch.arange(shape[-1], device=device).view(1, 1, 1, -1)
+    top, left = top.view(-1, 1, 1, 1), left.view(-1, 1, 1, 1)
+    return (rows >= top) & (rows < top + size_h) & (cols >= left) & (cols < left + size_w)
+
+
+class Flip(AugmentOp):
+    """Horizontal flip of each image with probability ``p``.
+
+    Krizhevsky et al. 2012 §4.1 ("horizontal reflections"); He et al. 2015 §4.2 (CIFAR).
+
+    Args:
+        p: probability of flipping an image.
+    """
+
+    stage = 0
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"augment.ops.flip.p must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        flip = _rand(x.shape[0], x, generator) < self.p
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), y
+
+
+class Crop(AugmentOp):
+    """Zero-pads each side by ``padding``, then takes a random crop of side round(scale·S) per image.
+
+    He et al. 2015 §4.2 (CIFAR: "4 pixels are padded on each side, and a 32×32 crop is randomly sampled");
+    Krizhevsky et al. 2012 §4.1 (random 224×224 patches of the 256×256 images: padding 0, scale 224/256).
+
+    Args:
+        padding: zero pixels added on each side before cropping.
+        scale: crop side as a fraction of the input side (1: the input size).
+    """
+
+    stage = 0
+
+    def __init__(self, padding: int = 4, scale: float = 1.0) -> None:
+        super().__init__()
+        if padding < 0:
+            raise ValueError(f"augment.ops.crop.padding must be >= 0, got {padding}")
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"augment.ops.crop.scale must be in (0, 1], got {scale}")
+        self.padding = padding
+        self.scale = scale
+
+    def output_size(self, size: int) -> int:
+        return round(self.scale * size)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, h, w = x.shape
+        out_h, out_w = self.output_size(h), self.output_size(w)
+        if self.padding:
+            x = F.pad(x, [self.padding] * 4)
+        # per-image offsets, then one gather through per-image index grids: no loop over images
+        top = torch.randint(0, x.shape[-2] - out_h + 1, (n,), generator=generator, device=x.device)
+        left = torch.randint(0, x.shape[-1] - out_w + 1, (n,), generator=generator, device=x.device)
+        rows = (top.view(-1, 1) + torch.arange(out_h, device=x.device)).view(n, 1, out_h, 1)
+        cols = (left.view(-1, 1) + torch.arange(out_w, device=x.device)).view(n, 1, 1, out_w)
+        images = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        channels = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        return x[images, channels, rows, cols], y  # (N, C, out_h, out_w)
+
+
+class ScaleAugment(AugmentOp):
+    """ResNet's scale augmentation: short side resized to a random L, then a random crop of the input size.
+
+    He et al. 2015 §3.4: "the image is resized with its shorter side randomly sampled in [256, 480] for scale
+    augmentation. A 224×224 crop is randomly sampled" (after Simonyan & Zisserman 2014 §3.1). For images of
+    side S the range scales with S: the short side goes to L ∈ [S·256/224, S·480/224] pixels, an integer as in
+    the paper, and the crop is S×S at an integer offset. A crop of side S from the image resized to L is a
+    window of side S·S/L of the original, so each image is resampled once (bilinear) from its window.
+
+    Args:
+        short_side: the paper's range of the resized shorter side, in pixels at crop size ``crop``.
+        crop: the paper's crop side in pixels; only the ratios ``short_side / crop`` matter.
+    """
+
+    stage = 0
+
+    def __init__(self, short_side: Sequence[int] = (256, 480), crop: int = 224) -> None:
+        super().__init__()
+        low, high = short_side
+        if crop <= 0:
+            raise ValueError(f"augment.ops.scale.crop must be > 0, got {crop}")
+        if not crop <= low <= high:
+            raise ValueError(
+                "augment.ops.scale.short_side must be [low, high] with crop <= low <= high, "
+                f"got {list(short_side)} (crop {crop})"
+            )
+        self.short_side = (low, high)
+        self.crop = crop
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = x.shape
+        short = min(h, w)
+        low = round(short * self.short_side[0] / self.crop)
+        high = round(short * self.short_side[1] / self.crop)
+        side = torch.randint(low, high + 1, (n,), generator=generator, device=x.device)
+        ratio = side.float() / short  # resize factor, ≥ 1
+        # integer offsets in the resized image, uniform over every crop that fits
+        resized_h, resized_w = (h * ratio).round(), (w * ratio).round()
+        top = (_rand(n, x, generator) * (resized_h - h + 1)).floor()
+        left = (_rand(n, x, generator) * (resized_w - w + 1)).floor()
+        return _resample(x, top / ratio, left / ratio, h / ratio, w / ratio, (h, w)), y
+
+
+class RandomResizedCrop(AugmentOp):
+    """A window of random area and aspect ratio per image, resized to the input size.
+
+    Szegedy et al. 2014 ("Going Deeper with Convolutions") §6: "sampling of various sized patches of the image
+    whose size is distributed evenly between 8% and 100% of the image area and whose aspect ratio is chosen
+    randomly between 3/4 and 4/3". torchvision's algorithm: up to 10 tries per image (run side by side here),
+    falling back to the central crop. Unlike torchvision it resamples bilinearly without antialiasing.
+
+    Args:
+        scale: range of the window's area, as a fraction of the image area.
+        ratio: range of the window's aspect ratio (width / height), sampled log-uniformly.
+    """
+
+    stage = 0
+    tries = 10  # torchvision's RandomResizedCrop.get_params
+
+    def __init__(self, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
+        super().__init__()
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(
+                f"augment.ops.random_resized_crop.scale must satisfy 0 < low <= high <= 1, got {list(scale)}"
+            )
+        if not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(
+                f"augment.ops.random_resized_crop.ratio must satisfy 0 < low <= high, got {list(ratio)}"
+            )
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+
+    def windows(
+        self, x: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer windows ``(top, left, height, width)``, float (N,) each, drawn as torchvision does."""
+        n, _, h, w = x.shape
+        area = (
+            h
+            * w
+            * (
+                self.scale[0]
+                + (self.scale[1] - self.scale[0])
+                * torch.rand(n, self.tries, generator=generator, device=x.device)
+            )
+        )
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(
+            log_low + (log_high - log_low) * torch.rand(n, self.tries, generator=generator, device=x.device)
+        )
+        width = (area * aspect).sqrt().round()
+        height = (area / aspect).sqrt().round()
+        fits = (width > 0) & (width <= w) & (height > 0) & (height <= h)
+        first = fits.float().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
+        found = fits.any(dim=1)
+        # torchvision's fallback: the central crop, at the ratio's bound nearest to the image's own
+        if w / h < self.ratio[0]:
+            fallback = (round(w / self.ratio[0]), w)
+        elif w / h > self.ratio[1]:
+            fallback = (h, round(h * self.ratio[1]))
+        else:
+            fallback = (h, w)
+        height = torch.where(found, height.gather(1, first).squeeze(1), float(fallback[0]))
+        width = torch.where(found, width.gather(1, first).squeeze(1), float(fallback[1]))
+        top = torch.where(found, (_rand(n, x, generator) * (h - height + 1)).floor(), (h - height) // 2)
+        left = torch.where(found, (_rand(n, x, generator) * (w - width + 1)).floor(), (w - width) // 2)
+        return top, left, height, width
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        top, left, height, width = self.windows(x, generator)
+        return _resample(x, top, left, height, width, tuple(x.shape[-2:])), y
+
+
+class PCAColour(AugmentOp):
+    """AlexNet's "fancy PCA" colour augmentation: adds Σ_i α_i λ_i p_i to every pixel of an image.
+
+    Krizhevsky et al. 2012 §4.1: p_i, λ_i are the eigenvectors and eigenvalues of the 3×3 covariance of the
+    training set's RGB pixel values (here in [0, 1] units), α_i ~ N(0, 0.1²) drawn once per image each time it
+    is seen. On a single channel it is brightness noise scaled by the pixel variance.
+
+    Args:
+        std: standard deviation of the α_i (the paper: 0.1).
+    """
+
+    stage = 1
+
+    def __init__(self, std: float = 0.1) -> None:
+        super().__init__()
+        if std < 0:
+            raise ValueError(f"augment.ops.pca_colour.std must be >= 0, got {std}")
+        self.std = std
+        # non-persistent: the state dict stays empty, so a checkpoint loads strictly with or without
+        # augmentation; fit() recomputes these from the training split whenever a run starts
+        self.register_buffer("eigvals", torch.zeros(0), persistent=False)  # (C,)
+        self.register_buffer("eigvecs", torch.zeros(0), persistent=False)  # (C, C), columns p_i
+
+    def fit(self, images: torch.Tensor) -> None:
+        channels = images.shape[1]
+        total = torch.zeros(channels, dtype=torch.float64)
+        outer = torch.zeros(channels, channels, dtype=torch.float64)
+        for chunk in images.split(4096):  # float64 of a whole ImageNet-sized split would not fit in memory
+            pixels = chunk.to(torch.float64).div_(255.0).transpose(0, 1).reshape(channels, -1)
+            total += pixels.sum(dim=1)
+            outer += pixels @ pixels.T
+        count = images.numel() // channels
+        mean = total / count
+        cov = outer / count - mean.outer(mean)  # C×C in float64: no cancellation worth a second pass
+        eigvals, eigvecs = torch.linalg.eigh(cov)
+        # round-off makes the null eigenvalues of a rank-deficient covariance slightly negative
+        self.eigvals = eigvals.clamp_min(0).float().to(self.eigvals.device)
+        self.eigvecs = eigvecs.float().to(self.eigvecs.device)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.eigvals.numel() == 0:  # a shape test: no device sync per step
+            raise RuntimeError("augment.ops.pca_colour was used before fit() on the training images")
+        if x.shape[1] != self.eigvals.numel():
+            raise ValueError(
+                f"augment.ops.pca_colour was fitted on {self.eigvals.numel()} channels, got {x.shape[1]}"
+            )
+        alpha = torch.randn(x.shape[0], x.shape[1], generator=generator, device=x.device) * self.std
+        shift = (alpha * self.eigvals) @ self.eigvecs.T  # (N, C): Σ_i α_i λ_i p_i per image
+        # not clamped to [0, 1]: the paper adds the shift to the raw RGB values and says nothing of clipping
+        return x + shift.view(*shift.shape, 1, 1), y
+
+
+class Cutout(AugmentOp):
+    """Fills one size×size square per image, centred uniformly in the image and clipped at the border.
+
+    DeVries & Taylor 2017, "Improved Regularization of CNNs with Cutout", §3.2, §4.1 (16×16 on CIFAR-10).
+
+    Args:
+        size: side of the square in pixels.
+        p: probability of cutting an image (the paper: 1).
+        fill: value of the cut pixels, in [0, 1] pixel units. The paper zeroes the normalized image, i.e.
+            fills with the data mean; this op runs before normalization, so 0.5 stands in for the mean.
+    """
+
+    stage = 2
+
+    def __init__(self, size: int = 16, p: float = 1.0, fill: float = 0.5) -> None:
+        super().__init__()
+        if size <= 0:
+            raise ValueError(f"augment.ops.cutout.size must be > 0, got {size}")
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"augment.ops.cutout.p must be in [0, 1], got {p}")
+        self.size = size
+        self.p = p
+        self.fill = fill
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = x.shape
+        centre_y = torch.randint(0, h, (n,), generator=generator, device=x.device)
+        centre_x = torch.randint(0, w, (n,), generator=generator, device=x.device)
+        cut = _rand(n, x, generator) < self.p
+        mask = _box_mask(
+            centre_y - self.size // 2, centre_x - self.size // 2, self.size, self.size, x.shape, x.device
+        )
+        mask &= cut.view(-1, 1, 1, 1)
+        return x.masked_fill(mask, self.fill), y
+
+
+def _log_gamma(shape: float, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` samples of log Gamma(shape, 1) from ``generator`` (Marsaglia & Tsang 2000), without a sync.
+
+    For shape < 1, Gamma(shape) = Gamma(shape + 1)·U^(1/shape); the result stays in log space so a small shape
+    (U^(1/0.2) underflows) keeps its precision.
+    """
+    boost = shape < 1
+    d = (shape + 1 if boost else shape) - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    z = torch.randn(n, GAMMA_CANDIDATES, generator=generator, device=device)
+    u = torch.rand(n, GAMMA_CANDIDATES, generator=generator, device=device)
+    v = (1 + c * z).pow(3).clamp_min(1e-12)
+    accept = (1 + c * z > 0) & (u.log() < 0.5 * z.square() + d - d * v + d * v.log())
+    first = accept.float().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
+    log_sample = (d * v).log().gather(1, first).squeeze(1)
+    if boost:
+        log_sample = log_sample + torch.rand(n, generator=generator, device=device).log() / shape
+    return log_sample
+
+
+def sample_beta(alpha: float, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` samples of Beta(alpha, alpha) on ``device``, as X / (X + Y) with X, Y ~ Gamma(alpha).
+
+    Zhang et al. 2018, "mixup" §2: λ ~ Beta(α, α).
+
+    Args:
+        alpha: both shape parameters (> 0).
+        n: number of samples.
+        generator: the source of randomness.
+        device: where the samples live.
+    """
+    log_x = _log_gamma(alpha, n, generator, device)
+    log_y = _log_gamma(alpha, n, generator, device)
+    return torch.sigmoid(log_x - log_y)  # X / (X + Y), stable when both underflow
+
+
+class _Mix(AugmentOp):
+    """Base of the label-mixing ops: λ ~ Beta(α, α) once per batch, each image paired with a permutation."""
+
+    stage = 3
+    option = ""
+
+    def __init__(self, alpha: float, num_classes: int) -> None:
+        super().__init__()
+        if alpha <= 0:
+            raise ValueError(f"augment.ops.{self.option}.alpha must be > 0, got {alpha}")
+        if num_classes < 1:
+            raise ValueError(f"augment.ops.{self.option}.num_classes must be >= 1, got {num_classes}")
+        self.alpha = alpha
+        self.num_classes = num_classes
+
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        """Soft targets (N, K) from int64 labels, or the soft targets of an earlier mixing op as they are."""
+        if y.is_floating_point():
+            if y.shape[-1] != self.num_classes:
+                raise ValueError(
+                    f"augment.ops.{self.option}.num_classes is {self.num_classes}, but the soft targets have "
+                    f"{y.shape[-1]} classes"
+                )
+            return y
+        return F.one_hot(y, self.num_classes).float()
+
+    def _draw(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = sample_beta(self.alpha, 1, generator, x.device)[0]
+        perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+        return lam, perm
+
+
+class MixUp(_Mix):
+    """Convex combinations of image pairs and of their targets, λ ~ Beta(α, α) once per batch.
+
+    Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization", §2 and §3.1 (α = 0.2 on ImageNet; 1 on
+    CIFAR-10, §3.2).
+
+    Args:
+        alpha: Beta(α, α) shape.
+        num_classes: K of the soft targets (the ``data.num_classes``).
+    """
+
+    option = "mixup"
+
+    def __init__(self, alpha: float = 0.2, num_classes: int = 10) -> None:
+        super().__init__(alpha, num_classes)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lam, perm = self._draw(x, generator)
+        targets = self._targets(y)
+        return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
+
+
+class CutMix(_Mix):
+    """Pastes a box of each paired image into the other; targets mixed by the pasted area.
+
+    Yun et al. 2019, "CutMix", §3.1: a box of area (1 − λ)·HW with λ ~ Beta(α, α) (α = 1), centred uniformly
+    in the image and clipped at the border, one box per batch; λ is then corrected to the area actually kept.
+
+    Args:
+        alpha: Beta(α, α) shape.
+        num_classes: K of the soft targets (the ``data.num_classes``).
+    """
+
+    option = "cutmix"
+
+    def __init__(self, alpha: float = 1.0, num_classes: int = 10) -> None:
+        super().__init__(alpha, num_classes)
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = x.shape
+        lam, perm = self._draw(x, generator)
+        cut = (1 - lam).sqrt()
+        cut_h, cut_w = (h * cut).floor(), (w * cut).floor()
+        centre_y = torch.randint(0, h, (1,), generator=generator, device=x.device)
+        centre_x = torch.randint(0, w, (1,), generator=generator, device=x.device)
+        top, bottom = (centre_y - cut_h // 2).clamp(0, h), (centre_y - cut_h // 2 + cut_h).clamp(0, h)
+        left, right = (centre_x - cut_w // 2).clamp(0, w), (centre_x - cut_w // 2 + cut_w).clamp(0, w)
+        rows = torch.arange(h, device=x.device).view(-1, 1)
+        cols = torch.arange(w, device=x.device).view(1, -1)
+        box = (
+            (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+        )  # (H, W), same box for the batch
+        kept = 1 - (bottom - top) * (right - left) / (h * w)  # λ corrected to the clipped box
+        targets = self._targets(y)
+        return torch.where(box, x[perm], x), kept * targets + (1 - kept) * targets[perm]

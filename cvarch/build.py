@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from torch import nn
 
-from cvarch.config import scheduler_parts
+from cvarch.augment import Augment
+from cvarch.config import optimizer_parts, scheduler_parts
 from cvarch.data import ImageDataModule
 from cvarch.models import check_input_size
 from cvarch.module import ClassificationModule
@@ -64,29 +65,48 @@ def build_model(
     return model
 
 
-def build_datamodule(cfg: DictConfig, augment: bool = True) -> ImageDataModule:
-    """The ``data`` group's LightningDataModule, with the ``augment`` group's pipeline on training images."""
-    return instantiate(cfg.data, augment=instantiate(cfg.augment) if augment and "augment" in cfg else None)
+def build_datamodule(cfg: DictConfig) -> ImageDataModule:
+    """The ``data`` group's LightningDataModule."""
+    return instantiate(cfg.data)
+
+
+def build_augment(cfg: DictConfig) -> Augment:
+    """The ``augment`` group's pipeline. Configs without one, and checkpoints of cvarch versions whose ``augment``
+    was a per-image ``transforms`` list, get the identity (their runs trained on uncropped images)."""
+    node = cfg.get("augment")
+    return instantiate(node) if node and "ops" in node else Augment()
 
 
 def build_module(
-    cfg: DictConfig, model: nn.Module, preprocess: nn.Module | None = None
+    cfg: DictConfig,
+    model: nn.Module,
+    preprocess: nn.Module | None = None,
+    augment: Augment | None = None,
+    tta: DictConfig | None = None,
 ) -> ClassificationModule:
-    """Wraps ``model`` with the loss, metrics, preprocess, regularizer, optimizer and scheduler of ``cfg``.
+    """Wraps ``model`` with the loss, metrics, preprocess, augment, test-time views, regularizer, optimizer and
+    scheduler of ``cfg``.
 
     Args:
         cfg: a composed run config.
         model: the built model.
         preprocess: an already fitted ``preprocess`` module; by default a new one is built (and fitted later).
+        augment: an already built ``augment`` pipeline; by default built from ``cfg``.
+        tta: a ``tta`` group node to use instead of ``cfg.tta`` (``cvarch-eval tta=…`` on an older run).
     """
     scheduler, lightning = scheduler_parts(OmegaConf.to_container(cfg.scheduler, resolve=True))
+    optimizer, groups = optimizer_parts(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    tta = tta if tta is not None else cfg.get("tta")
     return ClassificationModule(
         model=model,
         num_classes=cfg.model.num_classes,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=instantiate(optimizer),
         scheduler=instantiate(scheduler) if scheduler else None,
         scheduler_options=lightning,
+        optimizer_groups=groups,
         preprocess=preprocess if preprocess is not None else instantiate(cfg.preprocess),
+        augment=augment if augment is not None else build_augment(cfg),
+        tta=instantiate(tta) if tta else None,
         regularizer=instantiate(cfg.regularizer),
         label_smoothing=cfg.loss.label_smoothing,
         aux_weight=cfg.loss.aux_weight,

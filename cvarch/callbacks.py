@@ -224,3 +224,51 @@ class ActivationStats(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = list(state_dict.get("records", []))
+
+
+class AugmentationGrid(pl.Callback):
+    """Saves the first training batch the model sees, augmented, as a PNG grid: a look at what training sees.
+
+    The ``augment`` group runs on the device in the module's ``on_after_batch_transfer``, so the batch given
+    to ``on_train_batch_start`` is already augmented. Saved once, on rank zero; uint8 and float [0, 1] images
+    both work (float values outside [0, 1], e.g. after PCA colour, are clipped for display only).
+
+    Args:
+        dirpath: folder of the PNG (the run directory).
+        filename: name of the PNG.
+        num_images: first images of the batch shown.
+        nrow: images per row of the grid.
+    """
+
+    def __init__(
+        self, dirpath: str, filename: str = "augment_grid.png", num_images: int = 64, nrow: int = 8
+    ) -> None:
+        if num_images < 1:
+            raise ValueError(f"callbacks.augmentation_grid.num_images must be >= 1, got {num_images}")
+        if nrow < 1:
+            raise ValueError(f"callbacks.augmentation_grid.nrow must be >= 1, got {nrow}")
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        self.num_images = num_images
+        self.nrow = nrow
+        self.saved = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.saved:
+            return
+        self.saved = True
+        if trainer.is_global_zero:
+            from pytorch_lightning.utilities import rank_zero_info
+
+            rank_zero_info(f"augmented training images: {self.save(batch[0])}")
+
+    def save(self, images: torch.Tensor) -> Path:
+        """Writes the first ``num_images`` of a uint8 or float [0, 1] (N, C, H, W) batch; returns its path."""
+        from torchvision.utils import save_image
+
+        images = images[: self.num_images].detach().cpu()
+        images = images.float().div(255.0) if images.dtype == torch.uint8 else images.float().clamp(0.0, 1.0)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / self.filename
+        save_image(images, path, nrow=self.nrow)
+        return path

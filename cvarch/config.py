@@ -45,16 +45,26 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
     return cfg
 
 
-def scheduler_parts(scheduler: Mapping[str, Any] | None) -> tuple[dict | None, dict]:
-    """Splits the ``scheduler`` group into the ``torch.optim.lr_scheduler`` partial config and Lightning's keys.
-
-    The ``lightning`` sub-key (``monitor``, ``interval``, ``frequency``) is not a constructor argument.
-    """
-    if not scheduler:
+def split_off(node: Mapping[str, Any] | None, key: str) -> tuple[dict | None, dict]:
+    """Splits a group's node into its ``_target_`` config and the sub-key ``key``, which is not a constructor
+    argument: ``lightning`` of the ``scheduler`` group (``monitor``, ``interval``, ``frequency``) and ``groups``
+    of the ``optimizer`` group (``decay_norm_bias``, ``lr_mult``: see :func:`cvarch.optimizer.param_groups`).
+    An empty or missing node gives ``(None, {})``."""
+    if not node:
         return None, {}
-    node = dict(scheduler)
-    lightning = dict(node.pop("lightning", None) or {})
-    return node, lightning
+    node = dict(node)
+    extra = dict(node.pop(key, None) or {})
+    return node, extra
+
+
+def scheduler_parts(scheduler: Mapping[str, Any] | None) -> tuple[dict | None, dict]:
+    """The ``torch.optim.lr_scheduler`` partial config and Lightning's ``lightning`` keys of the scheduler group."""
+    return split_off(scheduler, "lightning")
+
+
+def optimizer_parts(optimizer: Mapping[str, Any] | None) -> tuple[dict | None, dict]:
+    """The ``torch.optim`` partial config and the ``groups`` keys of the optimizer group."""
+    return split_off(optimizer, "groups")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -76,6 +86,11 @@ def validate(cfg: DictConfig) -> None:
             errors.append(
                 f"scheduler.lightning.interval: expected 'epoch' or 'step', got {lightning['interval']!r}"
             )
+    if "optimizer" in plain:
+        plain["optimizer"], groups = optimizer_parts(plain["optimizer"])
+        unknown = sorted(set(groups) - {"decay_norm_bias", "lr_mult"})
+        if unknown:
+            errors.append(f"optimizer.groups: unknown keys {unknown}; expected decay_norm_bias, lr_mult")
     _check(plain, "", errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

@@ -2,7 +2,8 @@
 
 Every data module yields ``(uint8 image (C, H, W), int64 label)`` samples. Turning pixels into model inputs is
 the job of the ``preprocess`` group (fitted on the training split and saved in the checkpoint), and random
-training-time transforms are the job of the ``augment`` group, applied here to training samples only.
+training-time transforms are the job of the ``augment`` group, which the LightningModule runs batched on the
+device (so the data path only indexes tensors).
 """
 
 from __future__ import annotations
@@ -45,25 +46,20 @@ class Split:
 
 
 class TensorImageDataset(Dataset):
-    """A map-style dataset over an in-memory :class:`Split`, with an optional per-sample transform.
+    """A map-style dataset over an in-memory :class:`Split`.
 
     Args:
         split: images and targets.
-        transform: applied to each uint8 (C, H, W) image, e.g. the ``augment`` group's pipeline.
     """
 
-    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, split: Split) -> None:
         self.split = split
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.split.images[i]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.split.targets[i]
+        return self.split.images[i], self.split.targets[i]
 
 
 def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +90,6 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
         pin_memory: page-locked batches; ``None`` means "when CUDA is available".
         cache_dir: folder of the decoded-tensor cache.
-        augment: per-sample transform of training images (the ``augment`` group); ``None`` for none.
     """
 
     def __init__(
@@ -107,7 +102,6 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         cache_dir: str | None = None,
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if image_size is not None and image_size < 1:
@@ -122,7 +116,6 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.augment = augment
         self.splits: dict[str, Split] | None = None
         self.classes: list[str] = [str(i) for i in range(num_classes)]
 
@@ -167,12 +160,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.setup()
         return self.splits["train"].images
 
-    def dataloader(self, split: str, shuffle: bool = False, augment: bool = False) -> DataLoader:
+    def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
         """A DataLoader over one split (``train``, ``val`` or ``test``)."""
         self.setup()
         if split not in self.splits:
             raise KeyError(f"unknown split {split!r}; expected one of {sorted(self.splits)}")
-        dataset = TensorImageDataset(self.splits[split], self.augment if augment else None)
+        dataset = TensorImageDataset(self.splits[split])
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -183,7 +176,7 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train", shuffle=True, augment=True)
+        return self.dataloader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")

@@ -1,4 +1,4 @@
-"""``cvarch-eval ckpt_path=… [data=…] [split=test|val|train]``: evaluate a checkpoint on one split."""
+"""``cvarch-eval ckpt_path=… [data=…] [split=test|val|train] [tta=…]``: evaluate a checkpoint on one split."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cvarch.build import build_datamodule, build_model, build_module, instantiate
+from cvarch.build import build_augment, build_datamodule, build_model, build_module, instantiate
 from cvarch.config import CONFIG_DIR
+from cvarch.module import ClassificationModule
 from cvarch.train import write_metrics
 
 SPLITS = ("test", "val", "train")
@@ -28,6 +29,33 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
             f"ckpt_path: {path} was not written by cvarch-train (no run config in its hyperparameters)"
         )
     return ckpt, OmegaConf.create(ckpt["hyper_parameters"])
+
+
+def load_module(
+    ckpt: dict[str, Any],
+    run_cfg: DictConfig,
+    image_shape: tuple[int, int, int],
+    tta: DictConfig | None = None,
+) -> ClassificationModule:
+    """Rebuilds a checkpoint's module (model, fitted preprocess, norm statistics) for images of ``image_shape``.
+
+    Args:
+        ckpt: the loaded checkpoint.
+        run_cfg: the run config saved in it.
+        image_shape: (C, H, W) of the evaluation images; the model sees the training crop of them.
+        tta: a ``tta`` group node; ``None`` keeps the run's own.
+    """
+    augment = build_augment(run_cfg)
+    channels, height, width = image_shape
+    model = build_model(
+        run_cfg,
+        image_shape=(channels, augment.output_size(height), augment.output_size(width)),
+        initialize=False,
+    )
+    module = build_module(run_cfg, model, augment=augment, tta=tta)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.set_image_size(width)
+    return module
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -50,11 +78,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"data.num_classes={data_cfg.num_classes} but the checkpoint's model has "
             f"{run_cfg.model.num_classes} outputs"
         )
-    datamodule = build_datamodule(OmegaConf.create({"data": data_cfg}), augment=False)
+    datamodule = build_datamodule(OmegaConf.create({"data": data_cfg}))
     datamodule.setup("test")
-    model = build_model(run_cfg, image_shape=datamodule.image_shape, initialize=False)
-    module = build_module(run_cfg, model)
-    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module = load_module(ckpt, run_cfg, datamodule.image_shape, tta=cfg.get("tta"))
     module.eval_split = cfg.split
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +90,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **{k: float(v) for k, v in results.items()},
         "split": cfg.split,
         "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in module.model.parameters()),
         "wall_s": round(time.perf_counter() - start, 2),
         "output_dir": str(output_dir),
     }

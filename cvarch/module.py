@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from cvarch.augment import Augment
+from cvarch.optimizer import param_groups
 from cvarch.preprocess import Rescale
 from cvarch.regularizer import Regularizer
+from cvarch.tta import TestTimeAugment
 
 
 class ClassificationModule(pl.LightningModule):
@@ -21,10 +25,17 @@ class ClassificationModule(pl.LightningModule):
     Args:
         model: the network; maps float (N, C, H, W) to logits (N, num_classes).
         num_classes: classes of the task (for the accuracy metrics).
-        optimizer: ``torch.optim`` partial (the ``optimizer`` group), completed with the parameters here.
-        scheduler: ``torch.optim.lr_scheduler`` partial (the ``scheduler`` group), or ``None``.
+        optimizer: ``torch.optim`` partial (the ``optimizer`` group), completed with the parameter groups here.
+        scheduler: ``torch.optim.lr_scheduler`` partial (the ``scheduler`` group), or ``None``. A ``total_steps``
+            parameter left unset is filled with the run's scheduler steps (OneCycle, cosine).
         scheduler_options: Lightning's lr-scheduler dict entries (``monitor``, ``interval``, ``frequency``).
+        optimizer_groups: the optimizer group's ``groups`` keys (``decay_norm_bias``, ``lr_mult``), see
+            :func:`cvarch.optimizer.param_groups`.
         preprocess: uint8 → float input transform (the ``preprocess`` group), fitted on the training split.
+        augment: batched training augmentation (the ``augment`` group), run on the device on training batches
+            only; it may crop, and may turn labels into soft targets (mixup, cutmix).
+        tta: test-time views (the ``tta`` group): validation and ``test/acc`` use its center view (the training
+            crop size), ``test/acc_tta`` averages the softmax over all its views.
         regularizer: explicit penalty added to the loss (the ``regularizer`` group).
         label_smoothing: cross-entropy label smoothing ε (Szegedy et al. 2016 §7: 0.1).
         aux_weight: weight of each auxiliary classifier's loss when the model returns ``(logits, *aux)`` in
@@ -40,7 +51,10 @@ class ClassificationModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         scheduler_options: dict[str, Any] | None = None,
+        optimizer_groups: dict[str, Any] | None = None,
         preprocess: nn.Module | None = None,
+        augment: Augment | None = None,
+        tta: TestTimeAugment | None = None,
         regularizer: Callable[[nn.Module], torch.Tensor | None] | None = None,
         label_smoothing: float = 0.0,
         aux_weight: float = 0.3,
@@ -54,6 +68,9 @@ class ClassificationModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_options = dict(scheduler_options or {})
+        self.optimizer_groups = dict(optimizer_groups or {})
+        self.augment = augment if augment is not None else Augment()
+        self.tta = tta if tta is not None else TestTimeAugment()
         self.regularizer = regularizer if regularizer is not None else Regularizer()
         self.label_smoothing = label_smoothing
         self.aux_weight = aux_weight
@@ -64,14 +81,66 @@ class ClassificationModule(pl.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
+        self.test_top5_tta = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(x))
 
+    def set_image_size(self, size: int) -> None:
+        """Sizes the test-time views for images of side ``size``: the center view is the training crop."""
+        self.tta.configure(self.augment.output_size(size), self.augment.padding)
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit" and not bool(self.preprocess.fitted) and datamodule is not None:
-            self.preprocess.fit(datamodule.train_images)
+        if datamodule is None:
+            return
+        self.set_image_size(datamodule.image_shape[-1])
+        if stage == "fit":
+            if not bool(self.preprocess.fitted):
+                self.preprocess.fit(datamodule.train_images)
+            # the augment group's fitted statistics are not saved in checkpoints: refit on every (re)start
+            self.augment.fit(datamodule.train_images)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._trainer is not None and self.trainer.training and len(self.augment):
+            return self.augment(*batch)  # on the device, batched
+        return batch
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self.augment.rng_state()
+        if state is not None:  # a resumed run continues the augmentation stream
+            checkpoint["augment_rng_state"] = state.cpu()
+        pending = self._pending_plateau_steps()
+        if pending:
+            checkpoint["plateau_steps_pending"] = pending
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "augment_rng_state" in checkpoint:
+            self.augment.set_rng_state(checkpoint["augment_rng_state"])
+        self._plateau_steps_to_replay = checkpoint.get("plateau_steps_pending", [])
+
+    def _pending_plateau_steps(self) -> list[float]:
+        """The metrics of the epoch-end ``ReduceLROnPlateau`` steps Lightning has yet to take when a checkpoint
+        is written: it saves at validation end and steps plateau schedulers after it, so a resumed run would
+        otherwise skip one step (Lightning 2.6 ``fit_loop.on_advance_end``)."""
+        trainer = self.trainer
+        if not trainer.training or not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+            return []
+        pending = []
+        for config in trainer.lr_scheduler_configs:
+            due = (trainer.current_epoch + 1) % config.frequency == 0
+            metric = trainer.callback_metrics.get(config.monitor) if config.monitor else None
+            if config.reduce_on_plateau and config.interval == "epoch" and due and metric is not None:
+                pending.append(float(metric))
+        return pending
+
+    def on_train_start(self) -> None:
+        steps = getattr(self, "_plateau_steps_to_replay", [])
+        plateaus = [c.scheduler for c in self.trainer.lr_scheduler_configs if c.reduce_on_plateau]
+        for scheduler, metric in zip(plateaus, steps, strict=False):  # the step the checkpoint preceded
+            scheduler.step(metric)
+        self._plateau_steps_to_replay = []
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -79,6 +148,7 @@ class ClassificationModule(pl.LightningModule):
         aux: tuple[torch.Tensor, ...] = ()
         if isinstance(logits, (tuple, list)):  # (main, *auxiliary heads), e.g. GoogLeNet in training
             logits, *aux = logits
+        # y is int64 labels, or (N, K) soft targets after mixup/cutmix: cross_entropy takes both
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         for head in aux:
             aux_loss = F.cross_entropy(head, y, label_smoothing=self.label_smoothing)
@@ -88,31 +158,72 @@ class ClassificationModule(pl.LightningModule):
             self.log("train/data_loss", loss, on_step=False, on_epoch=True)
             self.log("train/penalty", penalty, on_step=False, on_epoch=True)
             loss = loss + penalty
-        self.train_acc(logits, y)
+        self.train_acc(logits, y.argmax(dim=1) if y.is_floating_point() else y)  # soft: the dominant class
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch, prefix: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy) -> None:
-        x, y = batch
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self(x)
-        if isinstance(logits, (tuple, list)):  # auxiliary heads do not count at evaluation
-            logits = logits[0]
+        return logits[0] if isinstance(logits, (tuple, list)) else logits  # auxiliary heads do not count
+
+    def _evaluate(
+        self, batch, prefix: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy
+    ) -> torch.Tensor:
+        x, y = batch
+        logits = self._logits(self.tta.center(x))
         acc(logits, y)
         top5(logits, y)
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=prefix == "val")
         self.log(f"{prefix}/acc", acc, on_epoch=True, prog_bar=prefix == "val")
         self.log(f"{prefix}/acc_top5", top5, on_epoch=True)
+        return logits
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc, self.val_top5)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.eval_split, self.test_acc, self.test_top5)
+        logits = self._evaluate(batch, self.eval_split, self.test_acc, self.test_top5)
+        x, y = batch
+        # with one view TTA is the plain prediction; the metric is logged either way, so runs compare
+        probs = self.tta.predict(self._logits, x) if self.tta.num_views > 1 else logits.softmax(dim=1)
+        self.test_acc_tta(probs, y)
+        self.test_top5_tta(probs, y)
+        self.log(f"{self.eval_split}/acc_tta", self.test_acc_tta, on_epoch=True)
+        self.log(f"{self.eval_split}/acc_tta_top5", self.test_top5_tta, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=[p for p in self.model.parameters() if p.requires_grad])
+        groups = param_groups(
+            self.model,
+            lr=_argument(self.optimizer_factory, "lr"),
+            weight_decay=_argument(self.optimizer_factory, "weight_decay") or 0.0,
+            **self.optimizer_groups,
+        )
+        optimizer = self.optimizer_factory(params=groups)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = {"scheduler": self.scheduler_factory(optimizer=optimizer), **self.scheduler_options}
+        kwargs: dict[str, Any] = {}
+        func = getattr(self.scheduler_factory, "func", self.scheduler_factory)
+        if (
+            "total_steps" in inspect.signature(func).parameters
+            and _argument(self.scheduler_factory, "total_steps") is None
+        ):
+            if self.scheduler_options.get("interval", "epoch") == "step":
+                kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            else:
+                kwargs["total_steps"] = int(self.trainer.max_epochs)
+        scheduler = {
+            "scheduler": self.scheduler_factory(optimizer=optimizer, **kwargs),
+            **self.scheduler_options,
+        }
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def _argument(factory: Callable[..., Any], name: str) -> Any:
+    """The value a ``functools.partial`` (a ``_partial_: true`` config) will pass for ``name``: its own keyword,
+    else the target's default, else ``None``."""
+    keywords = getattr(factory, "keywords", {})
+    if name in keywords:
+        return keywords[name]
+    param = inspect.signature(getattr(factory, "func", factory)).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default

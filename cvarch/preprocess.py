@@ -76,7 +76,20 @@ class MeanImage(_Fitted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
-        return super().forward(x) - self.mean
+        return super().forward(x) - _fit_to(self.mean, x.shape[-2:])
+
+
+def _fit_to(mean: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """The (C, H, W) mean image for inputs of ``size``: itself, its central crop for the smaller crops an
+    ``augment`` option trains on (AlexNet subtracts the 256×256 mean before cropping 224s, §2), or bilinearly
+    resized for larger inputs. Mean images are smooth, so the central crop stands in for every crop's window."""
+    if mean.shape[-2:] == size:
+        return mean
+    height, width = size
+    if height <= mean.shape[-2] and width <= mean.shape[-1]:
+        top, left = (mean.shape[-2] - height) // 2, (mean.shape[-1] - width) // 2
+        return mean[:, top : top + height, left : left + width]
+    return torch.nn.functional.interpolate(mean[None], size=tuple(size), mode="bilinear")[0]
 
 
 class ChannelMean(_Fitted):
@@ -205,5 +218,11 @@ class Whiten(_Fitted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
+        if x.shape[1:] != self.mean.shape:
+            raise ValueError(
+                f"preprocess={self.option} was fitted on {tuple(self.mean.shape)} images but got "
+                f"{tuple(x.shape[1:])}: whitening works on whole images of one size, so it does not combine "
+                f"with augment or tta options that crop smaller (alexnet, crop.scale < 1)"
+            )
         centred = super().forward(x) - self.mean
         return (centred.flatten(1) @ self.matrix).view(centred.shape)

@@ -13,11 +13,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from cvarch.build import build_datamodule, build_model, build_module, build_trainer, instantiate
+from cvarch.build import (
+    build_augment,
+    build_datamodule,
+    build_model,
+    build_module,
+    build_trainer,
+    instantiate,
+)
 from cvarch.compare import count_macs
 from cvarch.config import CONFIG_DIR, validate
+from cvarch.tta import TestTimeAugment
 
-METRIC_KEYS = ("train/loss", "val/acc", "val/acc_top5", "test/acc", "test/acc_top5")
+METRIC_KEYS = (
+    "train/loss",
+    "val/acc",
+    "val/acc_top5",
+    "test/acc",
+    "test/acc_top5",
+    "test/acc_tta",
+    "test/acc_tta_top5",
+)
 
 
 def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
@@ -77,12 +93,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     preprocess = instantiate(cfg.preprocess)
     preprocess.fit(datamodule.train_images)  # on the training split only, before init may need a batch
+    augment = build_augment(cfg)
+    channels, height, width = datamodule.image_shape
+    input_shape = (channels, augment.output_size(height), augment.output_size(width))  # what the model sees
     batch = None
     if cfg.init.get("scheme") == "lsuv":  # data-driven init: the first training batch, as the model sees it
-        batch = preprocess(next(iter(datamodule.train_dataloader()))[0])
-    model = build_model(cfg, image_shape=datamodule.image_shape, batch=batch)
-    cost = model_cost(model, datamodule.image_shape)
-    module = build_module(cfg, model, preprocess=preprocess)
+        images = next(iter(datamodule.train_dataloader()))[0]
+        batch = preprocess(TestTimeAugment().configure(input_shape[-1]).center(images))
+    model = build_model(cfg, image_shape=input_shape, batch=batch)
+    cost = model_cost(model, input_shape)
+    module = build_module(cfg, model, preprocess=preprocess, augment=augment)
     trainer = build_trainer(cfg)
     try:
         log_summary(trainer, cost)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import cvarch
 from cvarch.build import build_all, build_datamodule, build_model, build_module
 from cvarch.config import CONFIG_DIR, ConfigError, compose, validate
 from tests.conftest import make_image_tree, run_cli
@@ -29,6 +31,7 @@ def test_every_group_of_the_defaults_list_has_options():
         "init",
         "norm",
         "augment",
+        "tta",
         "preprocess",
         "regularizer",
         "optimizer",
@@ -62,8 +65,16 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
         layer = instantiate(cfg.norm)(64)
         assert layer(torch.randn(2, 64, 4, 4)).shape == (2, 64, 4, 4)
     elif group == "augment":
-        image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-        assert instantiate(cfg.augment)(image).shape == image.shape
+        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        augment = instantiate(cfg.augment)
+        augment.fit(images)
+        x, y = augment(images, torch.arange(4))
+        side = augment.output_size(32)
+        assert x.shape == (4, 3, side, side) and len(y) == 4
+    elif group == "tta":
+        images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+        probs = instantiate(cfg.tta).predict(lambda v: v.float().mean(dim=(2, 3)), images)
+        assert probs.shape == (2, 3) and torch.allclose(probs.sum(dim=1), torch.ones(2))
     elif group == "preprocess":
         images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
         pre = instantiate(cfg.preprocess)
@@ -74,6 +85,7 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
         assert penalty is None or torch.isfinite(penalty)
     elif group in ("optimizer", "scheduler"):
         module = build_module(cfg, build_model(cfg))
+        module._trainer = SimpleNamespace(estimated_stepping_batches=100, max_epochs=10)  # the run's length
         opts = module.configure_optimizers()
         optimizer = opts["optimizer"] if isinstance(opts, dict) else opts
         assert isinstance(optimizer, torch.optim.Optimizer)
@@ -147,3 +159,50 @@ def test_compose_is_what_the_cli_builds(default_run):
     # the run directory's timestamp is the only difference
     texts = [OmegaConf.to_yaml(c).replace(c.paths.output_dir, "<run dir>") for c in (written, composed)]
     assert texts[0] == texts[1]
+
+
+RECIPES = (
+    "alexnet_recipe",
+    "vgg_recipe",
+    "resnet_cifar",
+    "wrn_cifar",
+    "densenet_cifar",
+    "stochastic_depth_cifar",
+)
+
+
+def short_schedule(recipe: str) -> list[str]:
+    """The overrides of the ``CPU short schedule:`` line a recipe documents in its header."""
+    text = (Path(CONFIG_DIR) / "experiment" / f"{recipe}.yaml").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("# CPU short schedule: cvarch-train "))
+    return line.split("cvarch-train ", 1)[1].split()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_runs_its_documented_cpu_short_schedule(recipe, cifar_root, compose_tmp):
+    overrides = short_schedule(recipe)
+    assert overrides[0] == f"experiment={recipe}"
+    # one batch of each loop (fast_dev_run) of exactly the documented command, on the real CIFAR-10 folder
+    metrics = cvarch.train(compose_tmp(*overrides, "debug=fdr", "logger=none", "data.batch_size=8"))
+    assert 0.0 <= metrics["test/acc_tta"] <= 1.0 and metrics["params"] > 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipes_carry_their_papers_hyperparameters(recipe, compose_tmp):
+    cfg = compose_tmp(f"experiment={recipe}")
+    expected = {
+        "alexnet_recipe": (0.01, 5e-4, 128, ["crop", "flip", "pca_colour"]),
+        "vgg_recipe": (0.01, 5e-4, 256, ["scale", "flip", "pca_colour"]),
+        "resnet_cifar": (0.1, 1e-4, 128, ["crop", "flip"]),
+        "wrn_cifar": (0.1, 5e-4, 128, ["crop", "flip"]),
+        "densenet_cifar": (0.1, 1e-4, 64, ["crop", "flip"]),
+        "stochastic_depth_cifar": (0.1, 1e-4, 128, ["crop", "flip"]),
+    }[recipe]
+    got = (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.data.batch_size, list(cfg.augment.ops))
+    assert got == expected
+    assert cfg.optimizer.momentum == 0.9
+    if recipe == "resnet_cifar":  # He et al. 2015 §4.2
+        assert list(cfg.scheduler.milestones) == [32000, 48000] and cfg.trainer.max_steps == 64000
+    if recipe == "stochastic_depth_cifar":  # Huang et al. 2016 §3: p_L = 0.5 on ResNet-110
+        assert cfg.model.drop_path == 0.5 and list(cfg.model.layers) == [18, 18, 18]

@@ -161,19 +161,11 @@ def test_fake_data_has_the_configured_shapes():
     assert dm.image_shape == (3, 16, 16) and x.dtype == torch.uint8 and int(y.max()) < 5
 
 
-def test_augment_is_applied_to_training_images_only():
-    flips = []
-
-    def spy(image):
-        flips.append(1)
-        return image.flip(-1)
-
-    dm = digits(augment=spy, batch_size=2000)
-    x_val, _ = next(iter(dm.val_dataloader()))
-    assert flips == []
-    assert torch.equal(x_val, dm.splits["val"].images)
-    next(iter(dm.train_dataloader()))
-    assert len(flips) == len(dm.splits["train"])
+def test_dataloaders_yield_the_stored_uint8_images_unchanged():
+    # augmentation is the LightningModule's job, batched on the device (tests/test_module.py)
+    dm = digits(batch_size=2000)
+    x_val, y_val = next(iter(dm.val_dataloader()))
+    assert torch.equal(x_val, dm.splits["val"].images) and torch.equal(y_val, dm.splits["val"].targets)
 
 
 @pytest.mark.slow

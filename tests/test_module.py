@@ -1,17 +1,20 @@
-"""The LightningModule: loss, label smoothing, the regularizer hook, metrics and optimizer assembly."""
+"""The LightningModule: loss, soft targets, augmentation and test-time views, metrics, optimizer assembly."""
 
 from __future__ import annotations
 
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvarch.augment import Augment, Flip
 from cvarch.build import build_model, build_module
 from cvarch.module import ClassificationModule
 from cvarch.preprocess import Rescale
+from cvarch.tta import TestTimeAugment
 
 
 class ConstantPenalty:
@@ -100,3 +103,72 @@ def test_optimizer_and_scheduler_are_completed_from_partials(compose_tmp):
     assert isinstance(m.preprocess, Rescale)
     assert m.hparams["optimizer"]["lr"] == 0.01  # the resolved config rides along as plain hyperparameters
     assert type(m.hparams["optimizer"]) is dict
+
+
+class SpyAugment(Augment):
+    """Flips every image and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__({"flip": Flip(p=1.0)})
+        self.calls = 0
+
+    def forward(self, x, y):
+        self.calls += 1
+        return super().forward(x, y)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_augmentation_runs_on_training_batches_only(training):
+    m = module(augment=SpyAugment())
+    m._trainer = SimpleNamespace(training=training)  # what Lightning's loops set
+    x, y = batch()
+    out, labels = m.on_after_batch_transfer((x, y), 0)
+    assert m.augment.calls == int(training)
+    expected = x.float().div(255).flip(-1) if training else x
+    assert torch.equal(out, expected) and torch.equal(labels, y)
+
+
+def test_soft_targets_enter_the_loss_and_train_accuracy_takes_their_argmax():
+    m = module()
+    x, y = batch()
+    soft = 0.7 * F.one_hot(y, 10).float() + 0.3 * F.one_hot(y.roll(1), 10).float()  # a mixup batch
+    logits = m.model(x.float() / 255)
+    expected = 0.7 * F.cross_entropy(logits, y) + 0.3 * F.cross_entropy(logits, y.roll(1))
+    assert torch.allclose(m.training_step((x, soft), 0), expected, atol=1e-6)
+    assert m.train_acc.compute() == (logits.argmax(1) == y).float().mean()
+
+
+def test_test_step_logs_plain_and_tta_accuracy():
+    m = module(tta=TestTimeAugment(views="flip"))
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    x, y = batch()
+    m.eval()
+    m.test_step((x, y), 0)
+    assert {"test/acc", "test/acc_top5", "test/acc_tta", "test/acc_tta_top5"} <= set(logged)
+    probs = (m(x).softmax(1) + m(x.flip(-1)).softmax(1)) / 2
+    assert m.test_acc_tta.compute() == (probs.argmax(1) == y).float().mean()
+    assert m.test_acc.compute() == (m(x).argmax(1) == y).float().mean()
+
+
+@pytest.mark.parametrize(("interval", "expected"), [("step", 340), ("epoch", 17)])
+def test_schedulers_with_total_steps_get_the_runs_length(interval, expected):
+    m = module(
+        scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1),
+        scheduler_options={"interval": interval},
+    )
+    m._trainer = SimpleNamespace(estimated_stepping_batches=340, max_epochs=17)
+    scheduler = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert scheduler.total_steps == expected
+
+
+def test_param_groups_of_the_optimizer_group_reach_the_optimizer(compose_tmp):
+    cfg = compose_tmp("optimizer.groups.decay_norm_bias=false", "optimizer.groups.lr_mult={fc: 10.0}")
+    m = build_module(cfg, build_model(cfg))
+    sgd = m.configure_optimizers()["optimizer"]
+    fc = {id(p) for p in m.model.fc.parameters()}
+    for group in sgd.param_groups:
+        one_d = all(p.ndim <= 1 for p in group["params"])
+        assert group["weight_decay"] == (0.0 if one_d else 5e-4)
+        in_fc = {id(p) for p in group["params"]} <= fc
+        assert group["lr"] == pytest.approx(0.1 if in_fc else 0.01)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from cvarch.build import build_model, build_module
 from cvarch.config import CONFIG_DIR
@@ -189,3 +190,20 @@ def test_whitening_refuses_images_too_large_for_a_covariance():
 def test_whitening_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="preprocess.mode"):
         Whiten(mode="pcaa")
+
+
+def test_mean_image_follows_smaller_training_crops_with_its_central_crop():
+    images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    pre = instantiate(OmegaConf.load(Path(CONFIG_DIR) / "preprocess" / "mean_image.yaml"))
+    pre.fit(images)
+    crops = images[:, :, 1:7, 1:7]  # a 6×6 window, e.g. AlexNet's 224 of 256
+    assert torch.allclose(pre(crops), crops.float() / 255 - pre.mean[:, 1:7, 1:7])
+
+
+@pytest.mark.parametrize("option", ["pca_whiten", "zca_whiten"])
+def test_whitening_refuses_crops_of_another_size_by_name(option):
+    images = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
+    pre = instantiate(OmegaConf.load(Path(CONFIG_DIR) / "preprocess" / f"{option}.yaml"))
+    pre.fit(images)
+    with pytest.raises(ValueError, match=f"preprocess={option}.*crop"):
+        pre(images[:, :, :3, :3])

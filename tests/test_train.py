@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 import cvarch
@@ -20,6 +22,8 @@ METRICS = {
     "val/acc_top5",
     "test/acc",
     "test/acc_top5",
+    "test/acc_tta",
+    "test/acc_tta_top5",
     "epochs",
     "wall_s",
     "params",
@@ -133,3 +137,51 @@ def test_bad_data_root_fails_before_any_training(compose_tmp, tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
         cvarch.train(compose_tmp("data=imagefolder", f"data.root={tmp_path / 'missing'}", "logger=none"))
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+class StateProbe(pl.Callback):
+    """Records the optimizer, scheduler and augmentation RNG state a run ends with, and starts training with."""
+
+    seen: dict = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if "start" not in StateProbe.seen:  # after Lightning's restore and cvarch's on_train_start
+            StateProbe.seen["start"] = self._state(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        StateProbe.seen["end"] = self._state(trainer, pl_module)
+
+    @staticmethod
+    def _state(trainer, pl_module):
+        return copy.deepcopy(  # state_dict() holds the live tensors, which training then changes in place
+            {
+                "optimizer": trainer.optimizers[0].state_dict(),
+                "scheduler": trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+                "augment": pl_module.augment.rng_state(),
+            }
+        )
+
+
+@pytest.mark.slow
+def test_resume_restores_optimizer_scheduler_and_augmentation_state(compose_tmp):
+    common = ("augment=cifar", "scheduler.patience=0", "logger=none", "data.batch_size=256")
+    probe = "+callbacks.probe={_target_: tests.test_train.StateProbe}"
+    StateProbe.seen = {}
+    first = cvarch.train(compose_tmp(*common, "trainer.max_epochs=3", probe))
+    ended = StateProbe.seen["end"]
+    last = Path(first["output_dir"]) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    StateProbe.seen = {}
+    resumed = cvarch.train(compose_tmp(*common, "trainer.max_epochs=4", f"ckpt_path={last}", probe))
+    assert resumed["epochs"] == 4
+    started = StateProbe.seen["start"]
+    # plateau: the resumed run starts where the first ended, the step of the checkpoint's last epoch included
+    # (Lightning writes the checkpoint before that step: cvarch replays it)
+    assert started["scheduler"] == ended["scheduler"] and started["scheduler"]["last_epoch"] == 3
+    momentum = ckpt["optimizer_states"][0]["state"]
+    assert momentum and started["optimizer"]["state"].keys() == momentum.keys()
+    for key, state in momentum.items():  # the SGD momentum buffers continue
+        assert torch.equal(started["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
+    assert started["optimizer"]["param_groups"] == ckpt["optimizer_states"][0]["param_groups"]
+    assert torch.equal(started["augment"], ended["augment"])  # the augmentation stream continues
+    assert torch.equal(ckpt["augment_rng_state"], ended["augment"])

@@ -1,0 +1,91 @@
+"""cvarch-ensemble: the mean softmax of trained runs, from run directories or a multirun directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvarch.ensemble import best_checkpoint, ensemble, predict, run_dirs, topk_accuracy
+from tests.conftest import report, run_cli, tmp_overrides
+
+
+def test_topk_accuracy_counts_targets_among_the_k_largest():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+    targets = torch.tensor([0, 0, 1])
+    assert topk_accuracy(probs, targets, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(probs, targets, 2) == pytest.approx(2 / 3)
+    assert topk_accuracy(probs, targets, 5) == 1.0  # k beyond the classes: every target counts
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_identical_checkpoints_equals_the_single_model(default_run):
+    run = default_run["output_dir"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    probs, targets, _ = predict(best_checkpoint(run), "test")
+    single = ensemble([run], split="test")
+    double = ensemble([run, run], split="test")
+    member = {k: single["members"][0][k] for k in ("acc", "acc_top5")}
+    assert double["ensemble"] == single["ensemble"] == member
+    assert double["gain"] == {"acc": 0.0, "acc_top5": 0.0}
+    assert single["ensemble"]["acc"] == pytest.approx(topk_accuracy(probs, targets, 1))
+    assert single["ensemble"]["acc"] == pytest.approx(metrics["test/acc"])  # what training reported
+
+
+@pytest.mark.slow
+def test_experiment_ensemble_trains_seeds_and_beats_their_mean_on_a_real_split(tmp_path):
+    # 3 seeds of a 4-epoch ResNet-20 on the real digits split, then the Hydra callback ensembles them
+    proc = run_cli(
+        "cvarch-train", "experiment=ensemble", "trainer.max_epochs=4", "logger=none", *tmp_overrides(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sweep = Path(proc.stdout.strip().splitlines()[-1])
+    result = json.loads((sweep / "ensemble.json").read_text())
+    assert [Path(m["run"]).name for m in result["members"]] == ["0", "1", "2"]
+    assert len({m["acc"] for m in result["members"]}) > 1  # the seeds really differ
+    assert result["ensemble"]["acc"] >= result["mean_member"]["acc"]
+    for member in result["members"]:  # each member's figure is its own run's test accuracy
+        assert member["acc"] == pytest.approx(
+            json.loads((Path(member["run"]) / "metrics.json").read_text())["test/acc"]
+        )
+    members = ", ".join(f"{100 * m['acc']:.2f}" for m in result["members"])
+    report(
+        f"ensemble of 3 ResNet-20 seeds (digits, 4 epochs): {100 * result['ensemble']['acc']:.2f}% test acc "
+        f"vs members {members}%"
+    )
+    # the CLI on the same sweep folder, with test-time flips for every member
+    proc = run_cli("cvarch-ensemble", f"runs={sweep}", "tta=flip", *tmp_overrides(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    flipped = json.loads((out / "ensemble.json").read_text())
+    assert len(flipped["members"]) == 3 and "| ensemble |" in proc.stdout
+
+
+def test_run_dirs_names_a_folder_without_runs(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        run_dirs([tmp_path])
+
+
+def test_run_dirs_expands_a_multirun_folder_in_job_order(tmp_path):
+    for job in ("10", "2", "0"):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "metrics.json").write_text("{}")
+    (tmp_path / ".submitit").mkdir()  # not a job
+    assert [p.name for p in run_dirs(tmp_path)] == ["0", "2", "10"]
+    assert run_dirs([tmp_path / "2"]) == [tmp_path / "2"]
+
+
+def test_best_checkpoint_prefers_metrics_then_non_last(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_text("")
+    assert best_checkpoint(tmp_path) == last
+    best = tmp_path / "checkpoints" / "epoch003-acc0.9000.ckpt"
+    best.write_text("")
+    assert best_checkpoint(tmp_path) == best
+    (tmp_path / "metrics.json").write_text(json.dumps({"best_ckpt": str(last)}))
+    assert best_checkpoint(tmp_path) == last
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        best_checkpoint(tmp_path / "checkpoints")

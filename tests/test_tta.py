@@ -1,0 +1,240 @@
+"""Test-time augmentation: views equal torchvision's, padding shifts the corners, chunking never changes results."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from cvarch.config import CONFIG_DIR, validate
+from cvarch.tta import TestTimeAugment
+
+OPTIONS = sorted(p.stem for p in Path(CONFIG_DIR, "tta").glob("*.yaml"))
+NUM_VIEWS = {"none": 1, "flip": 2, "ten_crop": 10, "multiscale_ten_crop": 50}
+
+
+def _option(name: str) -> TestTimeAugment:
+    """Instantiates conf/tta/<name>.yaml, independent of train.yaml's defaults list."""
+    return instantiate(OmegaConf.load(Path(CONFIG_DIR, "tta", f"{name}.yaml")))
+
+
+def _images(n: int = 2, size: int | tuple[int, int] = 32, seed: int = 0) -> torch.Tensor:
+    height, width = (size, size) if isinstance(size, int) else size
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, height, width), generator=gen, dtype=torch.uint8)
+
+
+def _net(seed: int = 0, classes: int = 5) -> nn.Module:
+    """A tiny per-sample classifier of float images: conv, ReLU, global average pool, linear."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes)
+    ).eval()
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(255.0) if x.dtype == torch.uint8 else x
+
+
+def test_options_are_the_four_of_the_brief():
+    assert OPTIONS == sorted(NUM_VIEWS)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_option_instantiates_with_its_number_of_views(option):
+    node = OmegaConf.load(Path(CONFIG_DIR, "tta", f"{option}.yaml"))
+    validate(OmegaConf.create({"tta": node}))  # every key is a constructor argument of the right type
+    tta = _option(option)
+    assert isinstance(tta, TestTimeAugment)
+    assert tta.num_views == NUM_VIEWS[option]
+    x = _images(n=2, size=12)
+    views = list(tta.configure(crop=10, padding=1).views(x))
+    assert len(views) == NUM_VIEWS[option]
+    assert all(v.shape == (2, 3, 10, 10) for v in views)
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "padding"),
+    [(32, 28, 0), (32, 32, 4), (32, 25, 0), (32, 28, 3), ((30, 36), 24, 2)],  # 25: centre 3.5 rounds to 4
+)
+def test_ten_crop_equals_torchvision_ten_crop_of_the_padded_image(size, crop, padding):
+    x = _images(size=size)
+    views = list(_option("ten_crop").configure(crop, padding).views(x))
+    expected = TF.ten_crop(F.pad(x, [padding] * 4), [crop, crop])
+    assert len(views) == len(expected) == 10
+    for i, (view, ref) in enumerate(zip(views, expected, strict=True)):
+        assert view.dtype == torch.uint8, i
+        assert torch.equal(view, ref), f"view {i} differs from torchvision's ten_crop"
+    float_views = list(_option("ten_crop").configure(crop, padding).views(_as_float(x)))
+    assert all(torch.equal(v, _as_float(ref)) for v, ref in zip(float_views, expected, strict=True))
+
+
+def test_padding_shifts_the_corner_views_by_the_training_crops_extremes():
+    x = _images()
+    views = list(_option("ten_crop").configure(crop=32, padding=4).views(x))
+    top_left = torch.zeros_like(x)
+    top_left[..., 4:, 4:] = x[..., :28, :28]  # the image shifted right and down by 4, zeros entering
+    bottom_right = torch.zeros_like(x)
+    bottom_right[..., :28, :28] = x[..., 4:, 4:]
+    assert torch.equal(views[0], top_left)
+    assert torch.equal(views[3], bottom_right)
+    assert torch.equal(views[4], x)  # the centre window is the unpadded image
+    assert torch.equal(views[5], views[1].flip(-1))  # top-left of the flipped canvas = flipped top-right
+    assert torch.equal(views[9], x.flip(-1))
+
+
+def test_multiscale_ten_crop_gives_50_views_from_canvases_of_the_scaled_sides():
+    x = _images(n=2, size=32)
+    tta = _option("multiscale_ten_crop").configure(crop=32)
+    views = list(tta.views(x))
+    assert len(views) == tta.num_views == 50
+    assert all(v.shape == (2, 3, 32, 32) and v.dtype == torch.float32 for v in views)
+    assert all(v.min() >= 0 and v.max() <= 1 for v in views)
+    # round(32 · size / 224) for size in 224, 256, 384, 480, 640
+    for scale, side in enumerate([32, 37, 55, 69, 91]):
+        canvas = TF.resize(_as_float(x), [side, side], antialias=True)
+        reference = TF.ten_crop(canvas, [32, 32])
+        for i in range(10):
+            assert torch.allclose(views[10 * scale + i], reference[i], atol=1e-6), (side, i)
+    assert torch.equal(views[4], _as_float(x))  # size 224 is the image itself
+    assert not torch.allclose(views[14], views[24], atol=1e-3)  # different scales, different centres
+
+
+def test_multiscale_sides_are_relative_to_the_training_crop():
+    x = _images(n=1, size=32)
+    tta = TestTimeAugment(views="none", sizes=[224, 256], train_size=224).configure(crop=28)
+    small, own = tta.views(x)
+    # size 224: the 32-pixel image shrinks to the 28-pixel crop, antialiased
+    assert torch.allclose(small, TF.resize(_as_float(x), [28, 28], antialias=True), atol=1e-6)
+    assert not torch.allclose(small, TF.resize(_as_float(x), [28, 28], antialias=False), atol=1e-3)
+    assert torch.equal(own, TF.center_crop(_as_float(x), [28, 28]))  # round(28 · 256 / 224) = 32: no resize
+
+
+def test_center_is_the_identity_when_the_crop_is_the_image():
+    x = _images()
+    assert TestTimeAugment().center(x) is x  # before configure: crop = the image's side
+    for padding in (0, 1, 4):
+        assert TestTimeAugment().configure(32, padding).center(x) is x
+
+
+def test_center_is_the_central_crop_when_the_crop_is_smaller():
+    x = _images()
+    view = TestTimeAugment().configure(crop=28).center(x)  # AlexNet-style: 28 of 32
+    assert view.dtype == torch.uint8
+    assert torch.equal(view, x[..., 2:30, 2:30])
+    assert torch.equal(view, TF.center_crop(x, [28, 28]))
+    assert torch.equal(TestTimeAugment().configure(crop=28, padding=4).center(x), view)
+
+
+def test_center_pads_with_zeros_when_the_crop_exceeds_the_image():
+    x = _images()
+    view = TestTimeAugment().configure(crop=36, padding=4).center(x)
+    assert view.shape == (2, 3, 36, 36)
+    assert torch.equal(view[..., 2:34, 2:34], x)
+    assert view.sum() == x.long().sum()  # the border is zeros
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_center_is_the_center_view(option):
+    x = _images(size=32)
+    multiscale = "multiscale" in option
+    # multiscale: size 224 with crop 32 is the image at its own size, in [0, 1]; crop 28 would resize it to 28
+    tta = _option(option).configure(crop=32 if multiscale else 28, padding=4)
+    center = _as_float(tta.center(x)) if multiscale else tta.center(x)
+    views = list(tta.views(x))
+    assert torch.equal(views[4 if "ten_crop" in option else 0], center)
+
+
+def test_flip_views_are_the_center_and_its_mirror_image():
+    x = _images()
+    views = list(_option("flip").configure(crop=28).views(x))
+    assert len(views) == 2
+    assert torch.equal(views[0], x[..., 2:30, 2:30])
+    assert torch.equal(views[1], x[..., 2:30, 2:30].flip(-1))
+
+
+def test_flip_tta_leaves_a_flip_invariant_model_unchanged_and_changes_another():
+    x = _images(n=4, size=16)
+    net = _net()
+    invariant = lambda v: net(_as_float(v)) + net(_as_float(v).flip(-1))  # noqa: E731
+    plain = lambda v: net(_as_float(v))  # noqa: E731
+    none, flip = _option("none"), _option("flip")
+    assert torch.allclose(flip.predict(invariant, x), none.predict(invariant, x), atol=1e-6)
+    assert not torch.allclose(flip.predict(plain, x), none.predict(plain, x), atol=1e-4)
+    expected = (plain(x).softmax(-1) + plain(x.flip(-1)).softmax(-1)) / 2
+    assert torch.allclose(flip.predict(plain, x), expected, atol=1e-6)
+
+
+def test_predict_is_the_mean_softmax_over_views_whatever_the_chunk_size():
+    x = _images(n=3, size=8)
+    net = _net()
+    reference = None
+    for chunk_size in (1, 3, 50):
+        tta = TestTimeAugment(
+            views="ten_crop", sizes=[224, 256, 384, 480, 640], train_size=224, chunk_size=chunk_size
+        ).configure(crop=8, padding=1)
+        calls: list[int] = []
+
+        def forward(v, calls=calls):
+            calls.append(v.shape[0])
+            return net(_as_float(v))
+
+        probs = tta.predict(forward, x)
+        assert probs.shape == (3, 5) and probs.dtype == torch.float32
+        assert torch.allclose(probs.sum(dim=1), torch.ones(3), atol=1e-6)
+        assert len(calls) == math.ceil(50 / chunk_size)
+        assert max(calls) <= chunk_size * 3 and sum(calls) == 50 * 3
+        if reference is None:
+            views = list(tta.views(x))
+            reference = torch.stack([net(v).softmax(-1) for v in views]).mean(dim=0)
+        assert torch.allclose(probs, reference, atol=1e-6), chunk_size
+
+
+def test_predict_differs_from_the_single_view():
+    x = _images(n=4, size=12)
+    net = _net(seed=1)
+    forward = lambda v: net(_as_float(v))  # noqa: E731
+    single = _option("none").configure(crop=10).predict(forward, x)
+    assert torch.allclose(single, forward(x[..., 1:11, 1:11]).softmax(-1), atol=1e-6)
+    ten = _option("ten_crop").configure(crop=10).predict(forward, x)
+    assert not torch.allclose(ten, single, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"views": "five_crop"}, "tta.views"),
+        ({"sizes": []}, "tta.sizes"),
+        ({"sizes": [224, 0]}, "tta.sizes"),
+        ({"sizes": [224, -256]}, "tta.sizes"),
+        ({"train_size": 0}, "tta.train_size"),
+        ({"chunk_size": 0}, "tta.chunk_size"),
+    ],
+)
+def test_bad_values_name_their_key(kwargs, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        TestTimeAugment(**kwargs)
+
+
+def test_bad_geometry_is_refused():
+    with pytest.raises(ValueError, match="crop"):
+        TestTimeAugment().configure(crop=0)
+    with pytest.raises(ValueError, match="padding"):
+        TestTimeAugment().configure(crop=28, padding=-1)
+    with pytest.raises(ValueError, match=r"tta\.sizes"):  # round(32 · 112 / 224) = 16 < 32
+        TestTimeAugment(sizes=[224, 112]).configure(crop=32)
+    tta = TestTimeAugment(views="ten_crop").configure(crop=40, padding=2)
+    x = _images(size=32)
+    with pytest.raises(ValueError, match="larger than the 32×32 test image padded by 2"):
+        tta.center(x)
+    with pytest.raises(ValueError, match="larger than"):
+        next(tta.views(x))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        TestTimeAugment().center(x[0])
