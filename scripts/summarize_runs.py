@@ -20,6 +20,7 @@ import yaml
 COLUMNS = {
     "test/acc": "test acc %",
     "test/acc_top5": "test top-5 %",
+    "test/acc_tta": "test acc (TTA) %",
     "val/acc": "val acc %",
     "train/loss": "train loss",
     "epochs": "epochs",
@@ -36,6 +37,8 @@ def group_of(run_dir: Path) -> str:
 
 
 def fmt(values: list[float], column: str) -> str:
+    if not values:  # e.g. runs from before the metric existed
+        return "—"
     scale, digits = (100, 2) if "acc" in column else (1, 3 if column == "train/loss" else 1)
     mean = statistics.fmean(values) * scale
     if len(values) == 1:

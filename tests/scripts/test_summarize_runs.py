@@ -35,3 +35,13 @@ def test_rows_group_seeds_of_the_same_overrides(tmp_path):
     assert set(rows) == {"norm=none", "norm=batchnorm"}
     assert "| 2 | 91.00 ± 1.41 |" in rows["norm=none"]  # mean ± sample std of 90 and 92
     assert "| 1 | 97.00 |" in rows["norm=batchnorm"]
+
+
+def test_a_metric_missing_from_older_runs_prints_a_dash(tmp_path):
+    fake_run(tmp_path / "0", ["seed=0"], 0.90)  # no test/acc_tta: written before the tta group existed
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    header, _, row = out.stdout.splitlines()[:3]
+    cells = dict(zip(header.split("|")[1:-1], row.split("|")[1:-1], strict=True))
+    assert cells[" test acc (TTA) % "].strip() == "—" and cells[" test acc % "].strip() == "90.00"
