@@ -84,7 +84,8 @@ def test_wandb_offline_run_holds_the_logged_metrics(default_run):
     assert len(val_rows) >= 20  # one per epoch (+ the best checkpoint's re-validation)
     test_rows = [r for r in rows if "test/acc" in r]
     assert test_rows[-1]["test/acc"] == pytest.approx(metrics["test/acc"])
-    assert any("lr-SGD" in r for r in rows)
+    # the LR monitor names each parameter group (cvarch.optimizer.param_groups): one group, decayed, lr ×1
+    assert any("lr-SGD/decay_x1" in r for r in rows)
     summary = wandb_log.summary(log)
     assert summary["params"] == 269_434 and summary["gmacs"] == pytest.approx(metrics["gmacs"])
     config = wandb_log.config(log)
