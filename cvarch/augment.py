@@ -84,6 +84,11 @@ class Augment(nn.Module):
             size = op.output_size(size)
         return size
 
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """(C, H, W) of the augmented images, i.e. of what the model is trained on, given the images' shape."""
+        channels, height, width = shape
+        return channels, self.output_size(height), self.output_size(width)
+
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> None:
         """Fits every op on the uint8 (N, C, H, W) training split; re-run whenever a run starts or resumes."""
@@ -168,8 +173,8 @@ def _resample(
 def _box_mask(
     top: torch.Tensor,
     left: torch.Tensor,
-    size_h: int,
-    size_w: int,
+    size_h: int | torch.Tensor,
+    size_w: int | torch.Tensor,
     shape: Sequence[int],
     device: torch.device,
 ) -> torch.Tensor:
@@ -566,19 +571,13 @@ class CutMix(_Mix):
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, _, h, w = x.shape
+        _, _, h, w = x.shape
         lam, perm = self._draw(x, generator)
         cut = (1 - lam).sqrt()
         cut_h, cut_w = (h * cut).floor(), (w * cut).floor()
         centre_y = torch.randint(0, h, (1,), generator=generator, device=x.device)
         centre_x = torch.randint(0, w, (1,), generator=generator, device=x.device)
-        top, bottom = (centre_y - cut_h // 2).clamp(0, h), (centre_y - cut_h // 2 + cut_h).clamp(0, h)
-        left, right = (centre_x - cut_w // 2).clamp(0, w), (centre_x - cut_w // 2 + cut_w).clamp(0, w)
-        rows = torch.arange(h, device=x.device).view(-1, 1)
-        cols = torch.arange(w, device=x.device).view(1, -1)
-        box = (
-            (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-        )  # (H, W), same box for the batch
-        kept = 1 - (bottom - top) * (right - left) / (h * w)  # λ corrected to the clipped box
+        box = _box_mask(centre_y - cut_h // 2, centre_x - cut_w // 2, cut_h, cut_w, x.shape, x.device)
+        kept = 1 - box.float().mean()  # λ corrected to the clipped box (one box for the batch)
         targets = self._targets(y)
         return torch.where(box, x[perm], x), kept * targets + (1 - kept) * targets[perm]

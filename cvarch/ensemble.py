@@ -99,7 +99,7 @@ def predict(
     probs, targets = [], []
     for x, y in datamodule.dataloader(split):
         x = x.to(device)
-        probs.append(module.tta.predict(module._logits, x).float().cpu())
+        probs.append(module.tta.predict(module.logits, x).float().cpu())
         targets.append(y)
     return torch.cat(probs), torch.cat(targets), data_cfg
 

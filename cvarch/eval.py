@@ -46,15 +46,10 @@ def load_module(
         tta: a ``tta`` group node; ``None`` keeps the run's own.
     """
     augment = build_augment(run_cfg)
-    channels, height, width = image_shape
-    model = build_model(
-        run_cfg,
-        image_shape=(channels, augment.output_size(height), augment.output_size(width)),
-        initialize=False,
-    )
+    model = build_model(run_cfg, image_shape=augment.output_shape(image_shape), initialize=False)
     module = build_module(run_cfg, model, augment=augment, tta=tta)
     module.load_state_dict(ckpt["state_dict"], strict=True)
-    module.set_image_size(width)
+    module.set_image_size(image_shape[-1])
     return module
 
 

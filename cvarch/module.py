@@ -163,7 +163,8 @@ class ClassificationModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The main head's logits of uint8 or [0, 1] float images (auxiliary heads dropped)."""
         logits = self(x)
         return logits[0] if isinstance(logits, (tuple, list)) else logits  # auxiliary heads do not count
 
@@ -171,7 +172,7 @@ class ClassificationModule(pl.LightningModule):
         self, batch, prefix: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy
     ) -> torch.Tensor:
         x, y = batch
-        logits = self._logits(self.tta.center(x))
+        logits = self.logits(self.tta.center(x))
         acc(logits, y)
         top5(logits, y)
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=prefix == "val")
@@ -186,7 +187,7 @@ class ClassificationModule(pl.LightningModule):
         logits = self._evaluate(batch, self.eval_split, self.test_acc, self.test_top5)
         x, y = batch
         # with one view TTA is the plain prediction; the metric is logged either way, so runs compare
-        probs = self.tta.predict(self._logits, x) if self.tta.num_views > 1 else logits.softmax(dim=1)
+        probs = self.tta.predict(self.logits, x) if self.tta.num_views > 1 else logits.softmax(dim=1)
         self.test_acc_tta(probs, y)
         self.test_top5_tta(probs, y)
         self.log(f"{self.eval_split}/acc_tta", self.test_acc_tta, on_epoch=True)

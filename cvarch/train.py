@@ -94,8 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     preprocess = instantiate(cfg.preprocess)
     preprocess.fit(datamodule.train_images)  # on the training split only, before init may need a batch
     augment = build_augment(cfg)
-    channels, height, width = datamodule.image_shape
-    input_shape = (channels, augment.output_size(height), augment.output_size(width))  # what the model sees
+    input_shape = augment.output_shape(datamodule.image_shape)  # what the model sees
     batch = None
     if cfg.init.get("scheme") == "lsuv":  # data-driven init: the first training batch, as the model sees it
         images = next(iter(datamodule.train_dataloader()))[0]
