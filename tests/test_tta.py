@@ -43,7 +43,7 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255.0) if x.dtype == torch.uint8 else x
 
 
-def test_options_are_the_four_of_the_brief():
+def test_the_group_has_the_four_options_of_issue_6():
     assert OPTIONS == sorted(NUM_VIEWS)
 
 
