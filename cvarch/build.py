@@ -19,6 +19,8 @@ from cvarch.config import optimizer_parts, scheduler_parts
 from cvarch.data import ImageDataModule
 from cvarch.models import check_input_size
 from cvarch.module import ClassificationModule
+from cvarch.optimizer import matches
+from cvarch.transfer import Transfer
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -38,11 +40,21 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         raise
 
 
+def build_transfer(cfg: DictConfig) -> Transfer:
+    """The ``transfer`` group's strategy; configs of cvarch versions before the group had options (a partial of
+    ``apply_transfer``) and configs without one train from scratch."""
+    node = cfg.get("transfer")
+    if not node or node.get("_target_") != "cvarch.transfer.Transfer":
+        return Transfer()
+    return instantiate(node)
+
+
 def build_model(
     cfg: DictConfig,
     image_shape: tuple[int, int, int] | None = None,
     initialize: bool = True,
     batch: torch.Tensor | None = None,
+    transfer: Transfer | None = None,
 ) -> nn.Module:
     """Builds ``cfg.model`` with the ``norm`` group in its norm slots, checks its input size, then applies the
     ``init`` and ``transfer`` groups.
@@ -50,8 +62,10 @@ def build_model(
     Args:
         cfg: a composed run config.
         image_shape: (C, H, W) to check the model against; by default taken from ``data.image_size`` if set.
-        initialize: apply ``init`` and ``transfer``; off when a checkpoint's weights replace them anyway.
+        initialize: apply ``init`` and load the transfer source; off when a checkpoint's weights replace them
+            anyway (the transfer group still freezes and wraps, so the checkpoint's keys fit).
         batch: a preprocessed training batch, for data-driven init schemes (LSUV, Mishkin & Matas 2016).
+        transfer: the run's transfer strategy, if already built (its source is loaded once).
     """
     model = instantiate(cfg.model)
     if image_shape is None and cfg.data.get("image_size"):
@@ -61,8 +75,8 @@ def build_model(
     if initialize:
         init = instantiate(cfg.init)
         model = init(model, batch=batch) if batch is not None else init(model)
-        model = instantiate(cfg.transfer)(model)
-    return model
+    transfer = transfer if transfer is not None else build_transfer(cfg)
+    return transfer(model, cfg.model, image_shape=image_shape, load=initialize)
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
@@ -96,6 +110,11 @@ def build_module(
     """
     scheduler, lightning = scheduler_parts(OmegaConf.to_container(cfg.scheduler, resolve=True))
     optimizer, groups = optimizer_parts(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    transfer_mult = build_transfer(cfg).lr_mult(model, cfg.model)
+    if transfer_mult:  # the user's optimizer.groups.lr_mult prefixes win over the transfer strategy's
+        user = dict(groups.get("lr_mult") or {})
+        kept = {k: v for k, v in transfer_mult.items() if not any(matches(k, p) for p in user)}
+        groups["lr_mult"] = {**kept, **user}
     tta = tta if tta is not None else cfg.get("tta")
     return ClassificationModule(
         model=model,

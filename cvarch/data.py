@@ -69,6 +69,26 @@ def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple
     return np.sort(keep), np.sort(held)
 
 
+def per_class_subset(targets: torch.Tensor, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``per_class`` images of every label in ``targets``, drawn without replacement.
+
+    Each label gets its own permutation seeded by ``(seed, label)`` and keeps its first ``per_class`` entries, so
+    a smaller ``per_class`` picks a subset of a larger one (the "little data" images are among the "more data"
+    ones) and one label's draw does not depend on the others.
+
+    Args:
+        targets: int64 labels (N,).
+        per_class: images kept of each label; every label must have at least this many.
+        seed: seed of the permutations.
+    """
+    labels = targets.numpy()
+    kept = []
+    for label in np.unique(labels):
+        index = np.flatnonzero(labels == label)
+        kept.append(index[np.random.default_rng([seed, int(label)]).permutation(len(index))[:per_class]])
+    return np.sort(np.concatenate(kept))
+
+
 def resize_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
     """Resizes a uint8 (N, C, H, W) batch to ``size``×``size`` (bilinear, antialiased); ``None`` keeps it."""
     if size is None or tuple(images.shape[-2:]) == (size, size):
@@ -86,6 +106,9 @@ class ImageDataModule(pl.LightningDataModule):
         channels: image channels (1 grayscale, 3 RGB).
         image_size: side in pixels that images are resized to once, when loaded; ``None`` keeps their size.
         split_seed: seed of every carved split, fixed so that all runs of a sweep share one split.
+        train_per_class: keep exactly this many training images of each class (seeded by ``split_seed``,
+            stratified), leaving val and test untouched, so little- and more-data runs are scored on the same
+            images; ``None`` keeps all.
         batch_size: images per step.
         num_workers: DataLoader worker processes.
         pin_memory: page-locked batches; ``None`` means "when CUDA is available".
@@ -98,6 +121,7 @@ class ImageDataModule(pl.LightningDataModule):
         channels: int,
         image_size: int | None = None,
         split_seed: int = 0,
+        train_per_class: int | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool | None = None,
@@ -108,10 +132,15 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"data.image_size must be a positive number of pixels, got {image_size}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if train_per_class is not None and train_per_class < 1:
+            raise ValueError(
+                f"data.train_per_class must be >= 1 (or null for all images), got {train_per_class}"
+            )
         self.num_classes = num_classes
         self.channels = channels
         self.image_size = image_size
         self.split_seed = split_seed
+        self.train_per_class = train_per_class
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -146,7 +175,22 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"data.num_classes={self.num_classes} but the {name} split has label {int(split.targets.max())}"
                 )
+        # subsampled after the cache, so that every train_per_class reads the one cache file of the full data
+        if self.train_per_class is not None:
+            splits["train"] = self._subsample(splits["train"])
         self.splits = splits
+
+    def _subsample(self, train: Split) -> Split:
+        """``train_per_class`` images of each class of ``train`` (see :func:`per_class_subset`)."""
+        counts = torch.bincount(train.targets, minlength=self.num_classes)
+        for label, count in enumerate(counts.tolist()):
+            if count < self.train_per_class:
+                name = self.classes[label] if label < len(self.classes) else str(label)
+                raise ValueError(
+                    f"data.train_per_class={self.train_per_class} but class {name!r} has only {count} "
+                    "training images"
+                )
+        return train.subset(per_class_subset(train.targets, self.train_per_class, self.split_seed))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -229,11 +273,16 @@ class DigitsDataModule(ImageDataModule):
     Args:
         val_fraction: stratified share of all images used for validation.
         test_fraction: stratified share of all images used for testing.
-        **kwargs: see :class:`ImageDataModule`.
+        **kwargs: see :class:`ImageDataModule`; ``channels`` is 1 (grey) or 3 (the grey digit in three identical
+            channels, so a network trained on RGB images takes digits).
     """
 
     def __init__(self, val_fraction: float = 0.15, test_fraction: float = 0.15, **kwargs) -> None:
         super().__init__(**kwargs)
+        if self.channels not in (1, 3):
+            raise ValueError(
+                f"data.channels must be 1 (grey) or 3 (grey replicated to RGB), got {self.channels}"
+            )
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
 
@@ -242,7 +291,8 @@ class DigitsDataModule(ImageDataModule):
 
         digits = load_digits()
         images = torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-        full = Split(resize_images(images, self.image_size), torch.from_numpy(digits.target).long())
+        images = resize_images(images, self.image_size).expand(-1, self.channels, -1, -1).contiguous()
+        full = Split(images, torch.from_numpy(digits.target).long())
         rest, test = carve(full, self.test_fraction, self.split_seed, "data.test_fraction")
         train, val = carve(
             rest, self.val_fraction / (1.0 - self.test_fraction), self.split_seed, "data.val_fraction"
@@ -341,6 +391,8 @@ class ImageFolderDataModule(ImageDataModule):
         val_fraction: stratified share of ``train/`` held out for validation when ``val/`` is absent.
         test_fraction: stratified share of ``train/`` held out for testing when ``test/`` is absent.
         max_per_class: keep only the first N files (sorted by name) of each class; ``None`` keeps all.
+        classes: class folders of ``train/`` to use, labelled in this order (label i is ``classes[i]``); the
+            other folders, in every split, are ignored. ``None`` uses all folders, sorted by name.
         **kwargs: see :class:`ImageDataModule`.
     """
 
@@ -350,6 +402,7 @@ class ImageFolderDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         max_per_class: int | None = None,
+        classes: list[str] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -363,12 +416,30 @@ class ImageFolderDataModule(ImageDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.max_per_class = max_per_class
-        self.classes = sorted(d.name for d in (self.root / "train").iterdir() if d.is_dir())
-        if len(self.classes) != self.num_classes:
-            raise ValueError(
-                f"data.num_classes={self.num_classes} but {self.root / 'train'} has {len(self.classes)} "
-                f"class folders: {self.classes[:10]}{' …' if len(self.classes) > 10 else ''}"
-            )
+        self._folders = sorted(d.name for d in (self.root / "train").iterdir() if d.is_dir())
+        if classes is None:
+            self.classes = self._folders
+            if len(self.classes) != self.num_classes:
+                raise ValueError(
+                    f"data.num_classes={self.num_classes} but {self.root / 'train'} has {len(self.classes)} "
+                    f"class folders: {self.classes[:10]}{' …' if len(self.classes) > 10 else ''}"
+                )
+        else:
+            self.classes = [str(name) for name in classes]  # Hydra passes a ListConfig
+            missing = [name for name in self.classes if name not in self._folders]
+            if missing:
+                raise ValueError(
+                    f"data.classes: {missing} have no folder in {self.root / 'train'}; "
+                    f"available: {self._folders}"
+                )
+            repeated = sorted({name for name in self.classes if self.classes.count(name) > 1})
+            if repeated:  # one folder under two labels would make the task unlearnable
+                raise ValueError(f"data.classes lists {repeated} more than once")
+            if len(self.classes) != self.num_classes:
+                raise ValueError(
+                    f"data.num_classes={self.num_classes} but data.classes lists {len(self.classes)} classes: "
+                    f"{self.classes}"
+                )
         self._files = {
             name: self._scan(name) for name in ("train", "val", "test") if (self.root / name).is_dir()
         }
@@ -376,7 +447,7 @@ class ImageFolderDataModule(ImageDataModule):
     def _scan(self, split: str) -> list[tuple[Path, int]]:
         """``(file, label)`` pairs of one split folder; hidden files are skipped, every other file counts."""
         folder = self.root / split
-        unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in self.classes)
+        unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in self._folders)
         if unknown:
             raise ValueError(f"{folder} has class folders that train/ lacks: {unknown}")
         files = []
@@ -388,7 +459,8 @@ class ImageFolderDataModule(ImageDataModule):
             )
             files += [(p, label) for p in paths[: self.max_per_class]]
         if not files:
-            raise ValueError(f"{folder} holds no image files")
+            selected = f" of data.classes {self.classes}" if self.classes != self._folders else ""
+            raise ValueError(f"{folder} holds no image files{selected}")
         return files
 
     def fingerprint(self) -> str:

@@ -16,6 +16,7 @@ from cvarch.augment import Augment
 from cvarch.optimizer import param_groups
 from cvarch.preprocess import Rescale
 from cvarch.regularizer import Regularizer
+from cvarch.transfer import StageProbes, frozen_eval
 from cvarch.tta import TestTimeAugment
 
 
@@ -83,9 +84,25 @@ class ClassificationModule(pl.LightningModule):
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
         self.test_top5_tta = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # transfer=stage_probes: the model returns {"stage<k>": logits}; each stage gets its own accuracy
+        self.stage_names = list(model.names) if isinstance(model, StageProbes) else []
+        self.stage_acc = nn.ModuleDict(
+            {
+                f"{split}_{name}": MulticlassAccuracy(num_classes, average="micro")
+                for split in ("val", "test")
+                for name in self.stage_names
+            }
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(x))
+
+    def train(self, mode: bool = True) -> ClassificationModule:
+        """Lightning switches modes every epoch: frozen parts (``transfer`` group) stay in eval mode."""
+        super().train(mode)
+        if mode:
+            frozen_eval(self.model)
+        return self
 
     def set_image_size(self, size: int) -> None:
         """Sizes the test-time views for images of side ``size``: the center view is the training crop."""
@@ -148,8 +165,15 @@ class ClassificationModule(pl.LightningModule):
         aux: tuple[torch.Tensor, ...] = ()
         if isinstance(logits, (tuple, list)):  # (main, *auxiliary heads), e.g. GoogLeNet in training
             logits, *aux = logits
+        stages = logits if isinstance(logits, dict) else {}
+        if stages:  # stage probes: one loss each, summed (the probes share no parameter)
+            logits = stages[self.stage_names[-1]]
         # y is int64 labels, or (N, K) soft targets after mixup/cutmix: cross_entropy takes both
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        for name in self.stage_names[:-1]:
+            stage_loss = F.cross_entropy(stages[name], y, label_smoothing=self.label_smoothing)
+            self.log(f"train/loss_{name}", stage_loss, on_step=False, on_epoch=True)
+            loss = loss + stage_loss
         for head in aux:
             aux_loss = F.cross_entropy(head, y, label_smoothing=self.label_smoothing)
             loss = loss + self.aux_weight * aux_loss
@@ -164,15 +188,26 @@ class ClassificationModule(pl.LightningModule):
         return loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The main head's logits of uint8 or [0, 1] float images (auxiliary heads dropped)."""
-        logits = self(x)
+        """The main head's logits of uint8 or [0, 1] float images (auxiliary heads dropped; of stage probes,
+        the top stage's)."""
+        return self._main(self(x))
+
+    def _main(self, logits: Any) -> torch.Tensor:
+        if isinstance(logits, dict):
+            return logits[self.stage_names[-1]]
         return logits[0] if isinstance(logits, (tuple, list)) else logits  # auxiliary heads do not count
 
     def _evaluate(
         self, batch, prefix: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy
     ) -> torch.Tensor:
         x, y = batch
-        logits = self.logits(self.tta.center(x))
+        output = self(self.tta.center(x))
+        if isinstance(output, dict):
+            for name, stage_logits in output.items():
+                metric = self.stage_acc[f"{'val' if prefix == 'val' else 'test'}_{name}"]
+                metric(stage_logits, y)
+                self.log(f"{prefix}/acc_{name}", metric, on_epoch=True)
+        logits = self._main(output)
         acc(logits, y)
         top5(logits, y)
         self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=prefix == "val")

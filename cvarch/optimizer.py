@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 
-def _match(name: str, prefix: str) -> bool:
+def matches(name: str, prefix: str) -> bool:
     """Whether the dotted parameter ``name`` lies under the module ``prefix``: "layer4" matches "layer4" and
     "layer4.0.conv1.weight", never "layer40.weight"."""
     return name == prefix or name.startswith(prefix + ".")
@@ -32,7 +32,7 @@ def _check_lr_mult(lr_mult: Mapping[str, float], names: list[str]) -> dict[str, 
             or mult < 0
         ):
             raise ValueError(f"{key} must be a finite number >= 0, got {mult!r}")
-        if not any(_match(name, str(prefix)) for name in names):
+        if not any(matches(name, str(prefix)) for name in names):
             roots = sorted({name.split(".")[0] for name in names})
             raise ValueError(f"{key} matches no parameter of the model; its top-level modules are {roots}")
         checked[str(prefix)] = float(mult)
@@ -80,7 +80,7 @@ def param_groups(
     for name, param in named:
         if not param.requires_grad:
             continue
-        mult = next((prefixes[p] for p in by_length if _match(name, p)), 1.0)
+        mult = next((prefixes[p] for p in by_length if matches(name, p)), 1.0)
         decay = 0.0 if (not decay_norm_bias and param.ndim <= 1) else weight_decay
         if (decay, mult) not in groups:
             label = "decay" if decay else "no_decay"

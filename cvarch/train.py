@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from cvarch.build import (
     build_model,
     build_module,
     build_trainer,
+    build_transfer,
     instantiate,
 )
 from cvarch.compare import count_macs
@@ -34,6 +36,7 @@ METRIC_KEYS = (
     "test/acc_tta",
     "test/acc_tta_top5",
 )
+STAGE_METRIC = re.compile(r"(val|test)/acc_stage\d+")  # transfer=stage_probes: one accuracy per stage
 
 
 def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
@@ -83,6 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     OmegaConf.resolve(cfg)
     validate(cfg)
+    transfer = build_transfer(cfg)
+    source_preprocess = transfer.adopt(cfg)  # a cvarch source brings its model and preprocess into the config
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml")
@@ -92,14 +97,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     preprocess = instantiate(cfg.preprocess)
-    preprocess.fit(datamodule.train_images)  # on the training split only, before init may need a batch
+    if source_preprocess is not None:  # the source's statistics: the features were learnt on them
+        preprocess.load_state_dict(source_preprocess)
+    else:  # on the training split only, before init may need a batch
+        preprocess.fit(datamodule.train_images)
     augment = build_augment(cfg)
     input_shape = augment.output_shape(datamodule.image_shape)  # what the model sees
     batch = None
     if cfg.init.get("scheme") == "lsuv":  # data-driven init: the first training batch, as the model sees it
         images = next(iter(datamodule.train_dataloader()))[0]
         batch = preprocess(TestTimeAugment().configure(input_shape[-1]).center(images))
-    model = build_model(cfg, image_shape=input_shape, batch=batch)
+    model = build_model(cfg, image_shape=input_shape, batch=batch, transfer=transfer)
     cost = model_cost(model, input_shape)
     module = build_module(cfg, model, preprocess=preprocess, augment=augment)
     trainer = build_trainer(cfg)
@@ -119,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(trainer)
     metrics = {
         "train/loss": float(train_loss) if train_loss is not None else None,
-        **{k: float(v) for k, v in {**val, **test}.items() if k in METRIC_KEYS},
+        **{k: float(v) for k, v in {**val, **test}.items() if k in METRIC_KEYS or STAGE_METRIC.fullmatch(k)},
         "epochs": trainer.current_epoch,
         "wall_s": round(time.perf_counter() - start, 2),
         **cost,

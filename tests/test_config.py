@@ -55,7 +55,15 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
         if option in ("digits", "fake", "imagefolder"):
             x, y = next(iter(datamodule.train_dataloader()))
             assert x.dtype == torch.uint8 and x.shape[1] == cfg.data.channels
-    elif group in ("init", "transfer"):
+    elif group == "transfer":  # a state-dict file of the same model stands in for a pretrained source
+        shape = (cfg.data.channels, 16, 16)
+        if option != "scratch":
+            torch.save(instantiate(cfg.model).state_dict(), tmp_path / "source.pt")
+            cfg.transfer.source = str(tmp_path / "source.pt")
+        out = build_model(cfg, image_shape=shape)(torch.zeros(2, *shape))
+        logits = out[list(out)[-1]] if isinstance(out, dict) else out
+        assert logits.shape == (2, cfg.data.num_classes)
+    elif group == "init":
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
         extra = (
             {"batch": torch.randn(2, 3, 8, 8)} if cfg[group].get("scheme") == "lsuv" else {}
@@ -103,9 +111,8 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
 def test_option_composes_and_instantiates(group, option, compose_tmp, tmp_path):
     cfg = compose_tmp(f"{group}={option}")
     if cfg.data._target_.endswith("ImageFolderDataModule"):  # a tiny generated tree stands in for the root
-        cfg.data.root = str(
-            make_image_tree(tmp_path / "tree", classes=[str(i) for i in range(10)], per_class=12)
-        )
+        classes = cfg.data.get("classes") or [str(i) for i in range(cfg.data.num_classes)]
+        cfg.data.root = str(make_image_tree(tmp_path / "tree", classes=list(classes), per_class=12))
     validate(cfg)
     _exercise(group, option, cfg, tmp_path)
 

@@ -1,4 +1,5 @@
-"""Data modules: real digits splits, image folders (with corrupt files and caching), FakeData, real CIFAR-10."""
+"""Data modules: real digits splits, image folders (with corrupt files and caching), FakeData, real CIFAR-10,
+and the transfer-learning options: train_per_class, class selection, RGB digits."""
 
 from __future__ import annotations
 
@@ -8,12 +9,19 @@ import time
 import pytest
 import torch
 
-from cvarch.data import DigitsDataModule, FakeDataModule, ImageFolderDataModule, Split, carve
+from cvarch.data import (
+    DigitsDataModule,
+    FakeDataModule,
+    ImageFolderDataModule,
+    Split,
+    carve,
+    per_class_subset,
+)
 from tests.conftest import make_image_tree
 
 
 def digits(**kwargs) -> DigitsDataModule:
-    return DigitsDataModule(num_classes=10, channels=1, **kwargs)
+    return DigitsDataModule(**{"num_classes": 10, "channels": 1, **kwargs})
 
 
 def test_digits_are_the_real_1797_images_split_stratified_and_disjoint():
@@ -221,3 +229,167 @@ def test_cifar_without_archive_or_network_names_the_root(tmp_path):
     dm = CIFARDataModule(root=str(tmp_path), download=False, num_classes=10, channels=3)
     with pytest.raises(FileNotFoundError, match=f"data.root: cifar10 is not in {tmp_path}"):
         dm.prepare_data()
+
+
+# --- transfer learning: train_per_class, data.classes, RGB digits, the 2×2 data options ----------------------
+
+
+def test_train_per_class_keeps_exactly_n_per_class_and_leaves_val_test_alone():
+    full, few = digits(), digits(train_per_class=10)
+    for dm in (full, few):
+        dm.setup()
+    assert torch.equal(torch.bincount(few.splits["train"].targets), torch.full((10,), 10))
+    for name in ("val", "test"):  # little- and more-data runs are scored on the very same images
+        assert torch.equal(few.splits[name].images, full.splits[name].images)
+        assert torch.equal(few.splits[name].targets, full.splits[name].targets)
+    # the kept images are drawn from the full training split, in its order
+    index = per_class_subset(full.splits["train"].targets, 10, seed=0)
+    assert torch.equal(few.splits["train"].images, full.splits["train"].images[index])
+    assert list(index) == sorted(index)
+
+
+def test_train_per_class_is_fixed_by_split_seed_and_little_is_inside_more():
+    targets = torch.arange(300) % 3
+    a, b = per_class_subset(targets, 20, seed=0), per_class_subset(targets, 20, seed=0)
+    other = per_class_subset(targets, 20, seed=1)
+    more = per_class_subset(targets, 60, seed=0)
+    assert list(a) == list(b) and set(a) != set(other)
+    assert set(a) < set(more)
+    assert torch.equal(torch.bincount(targets[more]), torch.full((3,), 60))
+    # through the module: split_seed changes which training images are kept
+    x, y = digits(train_per_class=5), digits(train_per_class=5, split_seed=1)
+    assert not torch.equal(x.train_images, y.train_images)
+
+
+def test_train_per_class_shares_the_cache_of_the_full_data(image_tree, tmp_path, monkeypatch):
+    kwargs = dict(root=str(image_tree), num_classes=3, channels=3, val_fraction=0.2, test_fraction=0.2)
+    full = ImageFolderDataModule(cache_dir=str(tmp_path / "cache"), **kwargs)
+    full.setup()
+    import cvarch.data as data
+
+    decoded = []
+    real = data.decode_image_file
+    monkeypatch.setattr(data, "decode_image_file", lambda *a: decoded.append(a) or real(*a))
+    few = ImageFolderDataModule(cache_dir=str(tmp_path / "cache"), train_per_class=2, **kwargs)
+    few.setup()
+    assert decoded == [] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert len(full.splits["train"]) == 18 and len(few.splits["train"]) == 6
+    assert torch.equal(few.splits["test"].images, full.splits["test"].images)
+
+
+def test_train_per_class_beyond_a_class_is_an_error_naming_key_and_class(image_tree):
+    dm = ImageFolderDataModule(
+        root=str(image_tree),
+        num_classes=3,
+        channels=3,
+        val_fraction=0.2,
+        test_fraction=0.2,
+        train_per_class=7,
+    )
+    with pytest.raises(
+        ValueError, match=r"data\.train_per_class=7 but class 'cat' has only 6 training images"
+    ):
+        dm.setup()
+    with pytest.raises(ValueError, match=r"data\.train_per_class must be >= 1"):
+        digits(train_per_class=0)
+
+
+def test_imagefolder_classes_selects_folders_and_labels_them_in_order(image_tree):
+    dm = ImageFolderDataModule(
+        root=str(image_tree),
+        num_classes=2,
+        channels=3,
+        classes=["fox", "cat"],
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    dm.setup()
+    assert dm.classes == ["fox", "cat"]
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 12, "val": 4, "test": 4}
+    # make_image_tree draws class k around 60·k + 19.5: fox (k=2) is now label 0, cat (k=0) label 1
+    means = dm.splits["train"].images.float().mean(dim=(1, 2, 3))
+    targets = dm.splits["train"].targets
+    assert abs(means[targets == 0].mean() - 139.5) < 3 and abs(means[targets == 1].mean() - 19.5) < 3
+
+
+def test_imagefolder_classes_ignores_other_folders_of_val_but_not_unknown_ones(tmp_path):
+    root = make_image_tree(tmp_path / "tree", per_class=10)
+    make_image_tree(root, per_class=4, split="val")
+    dm = ImageFolderDataModule(root=str(root), num_classes=1, channels=3, classes=["dog"], test_fraction=0.2)
+    dm.setup()
+    assert len(dm.splits["val"]) == 4 and torch.equal(
+        dm.splits["val"].targets, torch.zeros(4, dtype=torch.long)
+    )
+    make_image_tree(root, classes=("wolf",), per_class=1, split="val")
+    with pytest.raises(ValueError, match=r"has class folders that train/ lacks: \['wolf'\]"):
+        ImageFolderDataModule(root=str(root), num_classes=1, channels=3, classes=["dog"])
+
+
+def test_imagefolder_unknown_class_or_wrong_count_is_an_error_naming_data_classes(image_tree):
+    with pytest.raises(ValueError, match=r"data\.classes: \['wolf'\] .*available: \['cat', 'dog', 'fox'\]"):
+        ImageFolderDataModule(root=str(image_tree), num_classes=2, channels=3, classes=["cat", "wolf"])
+    with pytest.raises(ValueError, match=r"data\.num_classes=3 but data\.classes lists 2 classes"):
+        ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3, classes=["cat", "dog"])
+    with pytest.raises(ValueError, match=r"data\.classes lists \['cat'\] more than once"):
+        ImageFolderDataModule(root=str(image_tree), num_classes=2, channels=3, classes=["cat", "cat"])
+
+
+def test_digits_with_three_channels_replicate_the_grey_digit():
+    grey, rgb = digits(image_size=32), digits(image_size=32, channels=3)
+    for dm in (grey, rgb):
+        dm.setup()
+    images = rgb.splits["train"].images
+    assert images.shape == (len(grey.splits["train"]), 3, 32, 32)
+    assert torch.equal(images, grey.splits["train"].images.expand(-1, 3, -1, -1))
+    with pytest.raises(ValueError, match=r"data\.channels must be 1 .* or 3 .*, got 2"):
+        digits(channels=2)
+
+
+TRANSFER_OPTIONS = ("cifar10_first5", "cifar10_last5", "digits_rgb32")
+
+
+def test_transfer_data_options_compose_and_split_cifar10_in_two(compose_tmp):
+    data = {name: compose_tmp(f"data={name}").data for name in TRANSFER_OPTIONS}
+    first, last = list(data["cifar10_first5"].classes), list(data["cifar10_last5"].classes)
+    assert first == ["airplane", "automobile", "bird", "cat", "deer"]
+    assert not set(first) & set(last)
+    # together, in order, the ten CIFAR-10 classes (torchvision's CIFAR10.classes)
+    assert first + last == [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    for name in ("cifar10_first5", "cifar10_last5"):
+        assert (
+            data[name].num_classes == 5 and data[name].max_per_class == 1250 and data[name].image_size == 32
+        )
+    assert data["digits_rgb32"].channels == 3 and data["digits_rgb32"].image_size == 32
+    assert all(d.train_per_class is None for d in data.values())
+    from hydra.utils import instantiate
+
+    dm = instantiate(data["digits_rgb32"])
+    assert dm.image_shape == (3, 32, 32) and dm.num_classes == 10
+
+
+@pytest.mark.slow
+def test_real_cifar10_first5_gives_1000_125_125_per_class(cifar_root, compose_tmp):
+    from hydra.utils import instantiate
+
+    cfg = compose_tmp("data=cifar10_first5", f"data.root={cifar_root}")
+    dm = instantiate(cfg.data)
+    dm.setup()
+    assert dm.classes == ["airplane", "automobile", "bird", "cat", "deer"] and dm.image_shape == (3, 32, 32)
+    for name, per_class in {"train": 1000, "val": 125, "test": 125}.items():
+        assert torch.equal(torch.bincount(dm.splits[name].targets), torch.full((5,), per_class))
+    few = instantiate(cfg.data, train_per_class=100)  # the "little data" cell: same val/test, from the cache
+    few.setup()
+    assert len(few.splits["train"]) == 500 and torch.equal(
+        few.splits["test"].images, dm.splits["test"].images
+    )

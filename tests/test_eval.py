@@ -32,7 +32,9 @@ def test_eval_of_a_missing_checkpoint_names_it(tmp_path):
 @pytest.mark.slow
 def test_eval_with_other_test_time_views_keeps_the_plain_accuracy(default_run, tmp_path):
     trained = json.loads((default_run["output_dir"] / "metrics.json").read_text())
-    proc = run_cli("cvarch-eval", f"ckpt_path={trained['best_ckpt']}", "tta=flip", f"paths.log_dir={tmp_path}")
+    proc = run_cli(
+        "cvarch-eval", f"ckpt_path={trained['best_ckpt']}", "tta=flip", f"paths.log_dir={tmp_path}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "metrics.json").read_text())
     assert metrics["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)  # the center view, as trained
