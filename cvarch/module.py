@@ -98,11 +98,15 @@ class ClassificationModule(pl.LightningModule):
         return self.model(self.preprocess(x))
 
     def train(self, mode: bool = True) -> ClassificationModule:
-        """Lightning switches modes every epoch: frozen parts (``transfer`` group) stay in eval mode."""
+        """Frozen parts (``transfer`` group) stay in eval mode."""
         super().train(mode)
         if mode:
             frozen_eval(self.model)
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning 2.6 never calls train() itself: it keeps (and restores after validation) each module's mode
+        frozen_eval(self.model)
 
     def set_image_size(self, size: int) -> None:
         """Sizes the test-time views for images of side ``size``: the center view is the training crop."""
