@@ -29,7 +29,7 @@ from cvarch.quadrants import (
 )
 from cvarch.transfer import STRATEGIES
 from tests import wandb_log
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli, tmp_overrides
 
 DEFAULT_SOURCE = "${hydra:sweep.dir}/source.ckpt"  # the experiment's transfer.source
 SIMILAR, DIFFERENT = "cifar10_last5", "digits_rgb32"
@@ -358,3 +358,32 @@ def test_on_multirun_end_logs_the_table_to_an_offline_wandb_run(sweep, tmp_path,
     cell = summary["cells"]["little/similar"]["strategies"]["linear_probe"]
     assert by_row["little/similar", "linear_probe"] == [cell["mean"], cell["std"], 3, True, True]
     assert by_row["little/different", "stage_probes"][-2:] == [False, True]  # the lecture's, not the best
+
+
+@pytest.mark.slow
+def test_the_experiment_runs_end_to_end_on_real_cifar10_and_digits(cifar_root, tmp_path):
+    """The whole pipeline, shortened: source training, the four cells, two strategies, the report."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "cvarch-train",
+        "experiment=transfer_quadrants",
+        *tmp_overrides(tmp_path),
+        f"paths.data_dir={cifar_root.parent}",
+        "logger=none",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=1",
+        "hydra.sweeper.params.seed=0",
+        "hydra.sweeper.params.transfer='linear_probe,stage_probes'",
+        'hydra.callbacks.transfer_quadrants.source=["experiment=transfer_source","trainer.max_epochs=1",'
+        f'"data.max_per_class=100","paths.cache_dir={tmp_path}/cache","logger=none"]',
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    source = json.loads((sweep / "source" / "metrics.json").read_text())
+    assert (sweep / "source.ckpt").read_bytes() == Path(source["best_ckpt"]).read_bytes()
+    summary = json.loads((sweep / "quadrants.json").read_text())
+    assert summary["jobs"] == 8 and not summary["failed"]
+    assert set(summary["cells"]) == {"little/similar", "little/different", "more/similar", "more/different"}
+    for cell in summary["cells"].values():
+        assert set(cell["strategies"]) == {"linear_probe", "stage_probes"}
+    assert "| very little data |" in (sweep / "quadrants.md").read_text()
