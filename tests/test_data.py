@@ -24,6 +24,20 @@ def digits(**kwargs) -> DigitsDataModule:
     return DigitsDataModule(**{"num_classes": 10, "channels": 1, **kwargs})
 
 
+def folder(root, **kwargs) -> ImageFolderDataModule:
+    """The 3-class image tree with 20% val and 20% test carved (arguments override)."""
+    return ImageFolderDataModule(
+        **{
+            "root": str(root),
+            "num_classes": 3,
+            "channels": 3,
+            "val_fraction": 0.2,
+            "test_fraction": 0.2,
+            **kwargs,
+        }
+    )
+
+
 def test_digits_are_the_real_1797_images_split_stratified_and_disjoint():
     dm = digits()
     dm.setup()
@@ -59,14 +73,7 @@ def test_image_size_resizes_once_at_load():
 
 
 def test_imagefolder_carves_val_and_test_when_absent(image_tree, tmp_path):
-    dm = ImageFolderDataModule(
-        root=str(image_tree),
-        num_classes=3,
-        channels=3,
-        val_fraction=0.2,
-        test_fraction=0.2,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    dm = folder(image_tree, cache_dir=str(tmp_path / "cache"))
     dm.setup()
     assert dm.classes == ["cat", "dog", "fox"]
     assert {k: len(v) for k, v in dm.splits.items()} == {"train": 18, "val": 6, "test": 6}
@@ -278,14 +285,7 @@ def test_train_per_class_shares_the_cache_of_the_full_data(image_tree, tmp_path,
 
 
 def test_train_per_class_beyond_a_class_is_an_error_naming_key_and_class(image_tree):
-    dm = ImageFolderDataModule(
-        root=str(image_tree),
-        num_classes=3,
-        channels=3,
-        val_fraction=0.2,
-        test_fraction=0.2,
-        train_per_class=7,
-    )
+    dm = folder(image_tree, train_per_class=7)
     with pytest.raises(
         ValueError, match=r"data\.train_per_class=7 but class 'cat' has only 6 training images"
     ):
