@@ -371,3 +371,11 @@ def test_stage_probes_extract_vgg_pool_outputs(tmp_path, compose_tmp):
     assert widths == [64, 128, 256, 512, 512]  # VGG-11's pool outputs (Simonyan & Zisserman 2014 Table 1, A)
     assert all(not p.requires_grad for p in model.backbone.parameters())
     assert json.dumps(sorted(model.stages)) == json.dumps(sorted(f"features.{i}" for i in (2, 5, 10, 15, 20)))
+
+
+def test_run_configs_from_before_the_transfer_options_train_from_scratch():
+    legacy = OmegaConf.create(
+        {"transfer": {"_target_": "cvarch.transfer.apply_transfer", "_partial_": True, "strategy": "scratch"}}
+    )
+    assert build_transfer(legacy).strategy == "scratch"
+    assert build_transfer(OmegaConf.create({})).strategy == "scratch"
