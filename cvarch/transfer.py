@@ -151,6 +151,12 @@ class Transfer:
             if source.run_config is not None and self.use_source_model:
                 model = OmegaConf.to_container(source.run_config.model, resolve=True)
                 model["num_classes"] = int(cfg.data.num_classes)
+                channels = model.get("in_channels", cfg.data.channels)
+                if channels != cfg.data.channels:
+                    raise ValueError(
+                        f"transfer.source {source.name} takes {channels}-channel images but data.channels="
+                        f"{cfg.data.channels} (data=digits_rgb32 shows how a grey dataset is replicated to RGB)"
+                    )
                 cfg.model = model
                 log.info("transfer: model %s from %s", model["_target_"], source.name)
             if source.preprocess_node is not None:
