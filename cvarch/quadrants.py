@@ -8,8 +8,8 @@ The lecture's advice, one ``transfer`` option per cell (Yosinski et al. 2014; Ra
 | quite a lot of data  | ``finetune_top``     | ``finetune_all``       |
 
 :class:`QuadrantsCallback` trains the source once into the sweep folder before the first job, and writes the
-report when the multirun ends; ``python -m cvarch.quadrants <sweep dir>`` rewrites it from a finished (or
-partial) sweep.
+report when the multirun ends; ``python -m cvarch.quadrants <sweep dir> --readme README.md`` rewrites it from a
+finished (or partial) sweep, and puts its table into the README.
 """
 
 from __future__ import annotations
@@ -232,13 +232,41 @@ class QuadrantsCallback(Callback):
         print(sweep_dir)
 
 
+README_BEGIN = "<!-- quadrants:begin -->"
+README_END = "<!-- quadrants:end -->"
+
+
+def write_readme(table: str, readme: str | Path) -> None:
+    """Replaces what lies between the ``<!-- quadrants:begin -->`` and ``<!-- quadrants:end -->`` lines of
+    ``readme`` with ``table``.
+
+    Raises:
+        ValueError: naming the file when it lacks the two markers.
+    """
+    path = Path(readme)
+    text = path.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{path} has no '{README_BEGIN}' … '{README_END}' block to write the table into")
+    path.write_text(text[: begin + len(README_BEGIN)] + "\n" + table + text[end:])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m cvarch.quadrants <sweep dir>``: (re)writes the report of a quadrant sweep."""
+    """``python -m cvarch.quadrants <sweep dir> [--readme README.md]``: (re)writes the report of a quadrant
+    sweep, and with ``--readme`` also its table into the README's quadrants block."""
     args = list(sys.argv[1:] if argv is None else argv)
+    readme = None
+    if len(args) == 3 and args[1] == "--readme":
+        args, readme = args[:1], args[2]
     if len(args) != 1:
-        raise SystemExit("usage: python -m cvarch.quadrants <sweep dir of experiment=transfer_quadrants>")
+        raise SystemExit(
+            "usage: python -m cvarch.quadrants <sweep dir of experiment=transfer_quadrants> [--readme README.md]"
+        )
     report(args[0])
-    print((Path(args[0]) / "quadrants.md").read_text())
+    table = (Path(args[0]) / "quadrants.md").read_text()
+    if readme:
+        write_readme(table, readme)
+    print(table)
 
 
 if __name__ == "__main__":

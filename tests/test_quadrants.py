@@ -387,3 +387,15 @@ def test_the_experiment_runs_end_to_end_on_real_cifar10_and_digits(cifar_root, t
     for cell in summary["cells"].values():
         assert set(cell["strategies"]) == {"linear_probe", "stage_probes"}
     assert "| very little data |" in (sweep / "quadrants.md").read_text()
+
+
+def test_the_table_goes_between_the_readme_markers(sweep, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- quadrants:begin -->\nold table\n<!-- quadrants:end -->\nafter\n")
+    quadrants.main([str(sweep), "--readme", str(readme)])
+    text = readme.read_text()
+    table = (sweep / "quadrants.md").read_text()
+    assert text == f"# x\n\nbefore\n<!-- quadrants:begin -->\n{table}<!-- quadrants:end -->\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match=r"README\.md has no '<!-- quadrants:begin -->'"):
+        quadrants.write_readme(table, readme)
