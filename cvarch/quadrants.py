@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cvarch.report import read_jobs
 from cvarch.transfer import STRATEGIES
 
 # the lecture's table: (data amount, dataset) → the strategy it recommends
@@ -60,20 +60,17 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     ``transfer`` and ``seed``; folders without ``data`` and ``transfer`` overrides (the source run) are skipped.
     """
     finished, failed = [], []
-    for overrides_file in sorted(Path(sweep_dir).glob("*/.hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
-        overrides = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
+    for job in read_jobs(sweep_dir):
+        overrides, metrics = job["overrides"], job["metrics"]
         if not {"data", "transfer"} <= overrides.keys():  # not a job of the table (the source run)
             continue
-        metrics_file = job_dir / "metrics.json"
-        if not metrics_file.is_file():
-            failed.append(job_dir.name)
+        if metrics is None:
+            failed.append(job["job"])
             continue
-        metrics = json.loads(metrics_file.read_text())
         accuracy, stage = job_accuracy(metrics)
         finished.append(
             {
-                "job": job_dir.name,
+                "job": job["job"],
                 "dataset": DATASETS.get(overrides["data"], overrides["data"]),
                 "amount": "little" if overrides.get("data.train_per_class", "null") != "null" else "more",
                 "train_per_class": overrides.get("data.train_per_class"),

@@ -1,0 +1,231 @@
+"""``cvarch-report <multirun dir>``: the ablation table of a sweep, grouped by what was swept.
+
+Each job of a Hydra multirun leaves ``<sweep>/<n>/.hydra/overrides.yaml`` and, when it finishes,
+``<sweep>/<n>/metrics.json``. The report groups finished jobs by every swept factor except ``seed`` and gives
+each group's mean ± sample std and run count, the paired differences against a baseline (jobs that differ only
+in the baseline factor, seed included, are paired), a bar plot of the group means, and the jobs that did not
+finish. It works on a partial sweep. airbench and Composer report seeds the same way (mean ± std, n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NOT_FACTORS = (
+    "seed",
+    "paths.",
+    "hydra.",
+)  # never grouping factors: seeds are averaged, paths are not settings
+
+
+def read_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every job folder of a sweep: ``{"job", "dir", "overrides" (key → value), "metrics" (or None)}``.
+
+    Raises:
+        FileNotFoundError: naming the folder when it holds no job (no ``*/.hydra/overrides.yaml``).
+    """
+    sweep_dir = Path(sweep_dir)
+    jobs = []
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        job_dir = overrides_file.parent.parent
+        overrides = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
+        metrics_file = job_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        jobs.append({"job": job_dir.name, "dir": str(job_dir), "overrides": overrides, "metrics": metrics})
+    if not jobs:
+        raise FileNotFoundError(
+            f"{sweep_dir}: no job folders (*/.hydra/overrides.yaml); is it a multirun folder?"
+        )
+    return jobs
+
+
+def swept_factors(jobs: Sequence[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between jobs, ``seed`` and path keys excluded, in first-seen order."""
+    values: dict[str, set[str]] = defaultdict(set)
+    for job in jobs:
+        for key in {k for j in jobs for k in j["overrides"]}:
+            values[key].add(job["overrides"].get(key, "(default)"))
+    keys = list(dict.fromkeys(k for j in jobs for k in j["overrides"]))
+    return [k for k in keys if len(values[k]) > 1 and not k.startswith(NOT_FACTORS)]
+
+
+def _level(job: dict[str, Any], factors: Sequence[str]) -> tuple[str, ...]:
+    return tuple(job["overrides"].get(f, "(default)") for f in factors)
+
+
+def groups(jobs: Sequence[dict[str, Any]], metric: str, factors: Sequence[str]) -> list[dict[str, Any]]:
+    """Finished jobs grouped by ``factors``: ``{factor: value, …, "n", "mean", "std", "values"}`` per group."""
+    by_level: dict[tuple[str, ...], list[float]] = defaultdict(list)
+    for job in jobs:
+        if job["metrics"] is not None and job["metrics"].get(metric) is not None:
+            by_level[_level(job, factors)].append(float(job["metrics"][metric]))
+    return [
+        {
+            **dict(zip(factors, level, strict=True)),
+            "n": len(values),
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values,
+        }
+        for level, values in sorted(by_level.items())
+    ]
+
+
+def paired_differences(
+    jobs: Sequence[dict[str, Any]], metric: str, factors: Sequence[str], baseline: tuple[str, str]
+) -> list[dict[str, Any]]:
+    """Mean ± std of ``metric − metric(baseline job)`` per group, over jobs paired with the job whose overrides
+    are the same except ``baseline[0]=baseline[1]`` (same seed: a paired comparison).
+
+    Raises:
+        ValueError: naming the baseline when its factor was not swept or no job has its value.
+    """
+    key, value = baseline
+    if key not in factors:
+        raise ValueError(f"baseline {key}={value}: {key} is not a swept factor (swept: {list(factors)})")
+    finished = [j for j in jobs if j["metrics"] is not None and j["metrics"].get(metric) is not None]
+    reference = {
+        tuple(sorted((k, v) for k, v in j["overrides"].items() if k != key)): float(j["metrics"][metric])
+        for j in finished
+        if j["overrides"].get(key) == value
+    }
+    if not reference:
+        raise ValueError(f"baseline {key}={value}: no finished job has {key}={value}")
+    diffs: dict[tuple[str, ...], list[float]] = defaultdict(list)
+    for job in finished:
+        if job["overrides"].get(key) == value:
+            continue
+        partner = reference.get(tuple(sorted((k, v) for k, v in job["overrides"].items() if k != key)))
+        if partner is not None:
+            diffs[_level(job, factors)].append(float(job["metrics"][metric]) - partner)
+    return [
+        {
+            **dict(zip(factors, level, strict=True)),
+            "pairs": len(values),
+            "mean_diff": statistics.fmean(values),
+            "std_diff": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
+        for level, values in sorted(diffs.items())
+    ]
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The group table (mean ± std, n), the paired differences, and the unfinished jobs, as Markdown."""
+    factors, metric = summary["factors"], summary["metric"]
+    lines = [f"Sweep `{summary['sweep_dir']}`: {metric}, mean ± std over seeds (n runs).", ""]
+    lines += ["| " + " | ".join([*factors, metric, "n"]) + " |", "|" + "---|" * (len(factors) + 2)]
+    for g in summary["groups"]:
+        lines.append(
+            "| "
+            + " | ".join([*(g[f] for f in factors), f"{g['mean']:.4f} ± {g['std']:.4f}", str(g["n"])])
+            + " |"
+        )
+    if summary.get("paired"):
+        key, value = summary["baseline"]
+        lines += ["", f"Paired differences against {key}={value} (same other overrides, same seed):", ""]
+        lines += [
+            "| " + " | ".join([*factors, f"Δ {metric}", "pairs"]) + " |",
+            "|" + "---|" * (len(factors) + 2),
+        ]
+        for d in summary["paired"]:
+            cells = [
+                *(d[f] for f in factors),
+                f"{d['mean_diff']:+.4f} ± {d['std_diff']:.4f}",
+                str(d["pairs"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    if summary["failed"]:
+        lines += ["", f"Unfinished or failed jobs (no metrics.json): {', '.join(summary['failed'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """A bar per group: mean with a ± std error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["groups"]
+    labels = [" ".join(f"{f}={g[f]}" for f in summary["factors"]) or "all" for g in rows]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 4))
+    ax.bar(range(len(rows)), [g["mean"] for g in rows], yerr=[g["std"] for g in rows], capsize=4)
+    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(summary["metric"])
+    ax.set_title(f"{Path(summary['sweep_dir']).name}: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(
+    sweep_dir: str | Path,
+    metric: str = "test/acc",
+    baseline: tuple[str, str] | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Writes ``report.md``, ``report.csv``, ``report.json`` and ``report.png`` for a sweep and returns the summary.
+
+    Args:
+        sweep_dir: the multirun folder.
+        metric: the ``metrics.json`` key compared (``test/acc``, ``val/acc``, ``train/loss``, …).
+        baseline: ``(factor, value)`` to pair every other group's jobs against.
+        out_dir: where the files go; the sweep folder by default.
+    """
+    jobs = read_jobs(sweep_dir)
+    factors = swept_factors(jobs)
+    summary: dict[str, Any] = {
+        "sweep_dir": str(sweep_dir),
+        "metric": metric,
+        "factors": factors,
+        "groups": groups(jobs, metric, factors),
+        "failed": [j["job"] for j in jobs if j["metrics"] is None],
+        "baseline": list(baseline) if baseline else None,
+        "paired": paired_differences(jobs, metric, factors, baseline) if baseline else [],
+    }
+    out = Path(out_dir or sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(summary))
+    with (out / "report.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*factors, "n", f"{metric} mean", f"{metric} std"])
+        for g in summary["groups"]:
+            writer.writerow([*(g[k] for k in factors), g["n"], g["mean"], g["std"]])
+    if summary["groups"]:
+        plot(summary, out / "report.png")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``cvarch-report <multirun dir> [--metric test/acc] [--baseline key=value] [--out DIR]``."""
+    parser = argparse.ArgumentParser(prog="cvarch-report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="a multirun folder (logs/<task>/multiruns/<time>)")
+    parser.add_argument("--metric", default="test/acc", help="metrics.json key to compare (default test/acc)")
+    parser.add_argument(
+        "--baseline", help="factor=value the other groups are paired against, e.g. norm=batchnorm"
+    )
+    parser.add_argument("--out", help="output folder (default: the sweep folder)")
+    args = parser.parse_args(argv)
+    baseline = None
+    if args.baseline:
+        if "=" not in args.baseline:
+            parser.error(f"--baseline {args.baseline!r}: expected factor=value, e.g. norm=batchnorm")
+        baseline = tuple(args.baseline.split("=", 1))
+    summary = report(args.sweep_dir, metric=args.metric, baseline=baseline, out_dir=args.out)
+    print(markdown(summary), end="")
+    print(Path(args.out or args.sweep_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""cvarch-report: swept factors, group means and counts, paired differences, failed jobs, on real sweeps too."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cvarch.report import main, paired_differences, read_jobs, report, swept_factors
+from tests.conftest import run_cli, tmp_overrides
+
+
+def _job(sweep: Path, num: int, overrides: list[str], acc: float | None) -> None:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if acc is not None:
+        (job / "metrics.json").write_text(json.dumps({"test/acc": acc, "val/acc": acc - 0.01}))
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """norm × seed, lr constant; the (none, seed 2) job failed."""
+    root = tmp_path / "sweep"
+    accs = {
+        ("batchnorm", 0): 0.90,
+        ("batchnorm", 1): 0.80,
+        ("batchnorm", 2): 0.85,
+        ("none", 0): 0.70,
+        ("none", 1): 0.66,
+    }
+    num = 0
+    for norm in ("batchnorm", "none"):
+        for seed in (0, 1, 2):
+            _job(root, num, [f"norm={norm}", f"seed={seed}", "optimizer.lr=0.1"], accs.get((norm, seed)))
+            num += 1
+    return root
+
+
+def test_factors_are_the_overrides_that_vary_except_seed_and_paths(sweep):
+    jobs = read_jobs(sweep)
+    assert len(jobs) == 6 and sum(j["metrics"] is None for j in jobs) == 1
+    assert swept_factors(jobs) == ["norm"]  # seed is averaged over; optimizer.lr did not vary
+
+
+def test_groups_means_stds_counts_and_the_failed_job(sweep, tmp_path):
+    summary = report(sweep, out_dir=tmp_path / "out")
+    rows = {g["norm"]: g for g in summary["groups"]}
+    assert rows["batchnorm"]["n"] == 3 and rows["none"]["n"] == 2
+    assert rows["batchnorm"]["mean"] == pytest.approx(0.85) and rows["batchnorm"]["std"] == pytest.approx(
+        0.05
+    )
+    assert rows["none"]["mean"] == pytest.approx(0.68) and rows["none"]["std"] == pytest.approx(0.02 * 2**0.5)
+    assert summary["failed"] == ["5"]
+    out = tmp_path / "out"
+    md = (out / "report.md").read_text()
+    assert "| batchnorm | 0.8500 ± 0.0500 | 3 |" in md and "failed jobs (no metrics.json): 5" in md
+    with (out / "report.csv").open() as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["norm", "n", "test/acc mean", "test/acc std"] and len(table) == 3
+    assert (out / "report.png").stat().st_size > 1000
+    assert json.loads((out / "report.json").read_text())["groups"][0]["values"] == [0.9, 0.8, 0.85]
+
+
+def test_paired_differences_pair_jobs_by_seed(sweep):
+    jobs = read_jobs(sweep)
+    (diff,) = paired_differences(jobs, "test/acc", ["norm"], ("norm", "batchnorm"))
+    # seeds 0 and 1 are paired (seed 2 of norm=none failed): −0.20 and −0.14
+    assert diff["pairs"] == 2 and diff["mean_diff"] == pytest.approx(-0.17)
+    assert diff["std_diff"] == pytest.approx(statistics.stdev([-0.20, -0.14]))
+    with pytest.raises(ValueError, match=r"baseline init=kaiming: init is not a swept factor"):
+        paired_differences(jobs, "test/acc", ["norm"], ("init", "kaiming"))
+    with pytest.raises(ValueError, match=r"no finished job has norm=lrn"):
+        paired_differences(jobs, "test/acc", ["norm"], ("norm", "lrn"))
+
+
+def test_a_folder_without_jobs_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        read_jobs(tmp_path)
+
+
+def test_the_cli_prints_the_table_and_the_output_folder_last(sweep, capsys):
+    main([str(sweep), "--metric", "val/acc", "--baseline", "norm=batchnorm"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(sweep) and any("| none | -0.1700 ± 0.0424 | 2 |" in line for line in lines)
+    with pytest.raises(SystemExit):
+        main([str(sweep), "--baseline", "batchnorm"])
+
+
+@pytest.mark.slow
+def test_a_real_2x2x2_sweep_and_its_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "cvarch-train",
+        "-m",
+        "norm=batchnorm,none",
+        "init=default,kaiming",
+        "seed=0,1",
+        "trainer.max_epochs=1",
+        "logger=none",
+        *tmp_overrides(tmp_path),
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_cli("cvarch-report", str(sweep), "--baseline", "norm=batchnorm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(sweep)
+    summary = json.loads((sweep / "report.json").read_text())
+    assert summary["factors"] == ["norm", "init"] and not summary["failed"]
+    for group in summary["groups"]:
+        jobs = [
+            json.loads((job / "metrics.json").read_text())["test/acc"]
+            for job in sweep.iterdir()
+            if (job / "metrics.json").is_file()
+            and {f"norm={group['norm']}", f"init={group['init']}"}
+            <= set(yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
+        ]
+        assert group["n"] == 2 and group["mean"] == pytest.approx(statistics.fmean(jobs))
+    assert {(d["norm"], d["init"], d["pairs"]) for d in summary["paired"]} == {
+        ("none", "default", 2),
+        ("none", "kaiming", 2),
+    }
+
+
+@pytest.mark.slow
+def test_a_failing_job_leaves_the_others_and_is_listed(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "cvarch-train",
+        "-m",
+        "optimizer.lr=-1.0,0.01",  # SGD refuses a negative lr: that job raises
+        "trainer.max_epochs=1",
+        "logger=none",
+        *tmp_overrides(tmp_path),
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode != 0 and "Invalid learning rate: -1.0" in result.stderr
+    summary = report(sweep)
+    assert [g["optimizer.lr"] for g in summary["groups"]] == ["0.01"] and summary["groups"][0]["n"] == 1
+    assert summary["failed"] == ["0"]
