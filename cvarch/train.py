@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -71,6 +73,22 @@ def finish_loggers(trainer: pl.Trainer) -> None:
             logger.finalize("success")
 
 
+def job_threads(cfg: DictConfig) -> int | None:
+    """Torch threads for this job: ``threads`` if set, else the cores shared among the launcher's parallel jobs
+    (``hydra/launcher=joblib``'s ``n_jobs``; -1 means one job per core), so parallel jobs do not oversubscribe
+    the CPU. ``None`` keeps torch's default (one job at a time)."""
+    if cfg.get("threads"):
+        return int(cfg.threads)
+    try:
+        n_jobs = HydraConfig.get().launcher.get("n_jobs")
+    except ValueError:  # no Hydra run (the Python API without compose)
+        return None
+    if n_jobs is None:
+        return None
+    cores = os.cpu_count() or 1
+    return 1 if n_jobs < 0 else max(1, cores // int(n_jobs))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains, validates and tests the best checkpoint of one run; writes config.yaml and metrics.json.
 
@@ -84,6 +102,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The metrics written to ``metrics.json``.
     """
     start = time.perf_counter()
+    threads = job_threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
     OmegaConf.resolve(cfg)
     validate(cfg)
     transfer = build_transfer(cfg)
@@ -130,6 +151,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **{k: float(v) for k, v in {**val, **test}.items() if k in METRIC_KEYS or STAGE_METRIC.fullmatch(k)},
         "epochs": trainer.current_epoch,
         "wall_s": round(time.perf_counter() - start, 2),
+        "threads": torch.get_num_threads(),
         **cost,
         "best_ckpt": best or None,
         "output_dir": str(output_dir),

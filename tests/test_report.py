@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -92,11 +93,14 @@ def test_the_cli_prints_the_table_and_the_output_folder_last(sweep, capsys):
 
 
 @pytest.mark.slow
-def test_a_real_2x2x2_sweep_and_its_report(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_real_2x2x2_sweep_and_its_report(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     result = run_cli(
         "cvarch-train",
         "-m",
+        f"hydra/launcher={launcher}",
+        *(["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []),
         "norm=batchnorm,none",
         "init=default,kaiming",
         "seed=0,1",
@@ -120,6 +124,9 @@ def test_a_real_2x2x2_sweep_and_its_report(tmp_path):
             <= set(yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()))
         ]
         assert group["n"] == 2 and group["mean"] == pytest.approx(statistics.fmean(jobs))
+    threads = {json.loads(p.read_text())["threads"] for p in sweep.glob("*/metrics.json")}
+    if launcher == "joblib":  # 2 parallel jobs share the cores instead of each taking all of them
+        assert threads == {max(1, (os.cpu_count() or 1) // 2)}
     assert {(d["norm"], d["init"], d["pairs"]) for d in summary["paired"]} == {
         ("none", "default", 2),
         ("none", "kaiming", 2),

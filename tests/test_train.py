@@ -186,3 +186,22 @@ def test_resume_restores_optimizer_scheduler_and_augmentation_state(compose_tmp)
     assert started["optimizer"]["param_groups"] == ckpt["optimizer_states"][0]["param_groups"]
     assert torch.equal(started["augment"], ended["augment"])  # the augmentation stream continues
     assert torch.equal(ckpt["augment_rng_state"], ended["augment"])
+
+
+def test_job_threads_share_the_cores_among_parallel_jobs(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    from cvarch.train import job_threads
+
+    assert job_threads(cvarch.compose("threads=3")) == 3  # explicit
+    cfg = cvarch.compose()
+    assert job_threads(cfg) is None  # the basic launcher runs one job at a time: torch's default
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    for n_jobs, threads in ((4, 4), (-1, 1), (32, 1)):  # hydra/launcher=joblib hydra.launcher.n_jobs=…
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda n=n_jobs: _Launcher(n)))
+        assert job_threads(cfg) == threads, n_jobs
+
+
+class _Launcher:
+    def __init__(self, n_jobs: int) -> None:
+        self.launcher = {"n_jobs": n_jobs}
