@@ -213,3 +213,28 @@ def test_recipes_carry_their_papers_hyperparameters(recipe, compose_tmp):
         assert list(cfg.scheduler.milestones) == [32000, 48000] and cfg.trainer.max_steps == 64000
     if recipe == "stochastic_depth_cifar":  # Huang et al. 2016 §3: p_L = 0.5 on ResNet-110
         assert cfg.model.drop_path == 0.5 and list(cfg.model.layers) == [18, 18, 18]
+
+
+def test_the_slurm_launcher_composes_with_one_task_per_gpu():
+    """No cluster here: the submitit config must compose and tie tasks and GPUs to ``trainer.devices``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    overrides = ["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "hydra.launcher.partition=gpu"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
+    assert launcher.timeout_min == 240 and launcher.submitit_folder.endswith(".submitit/%j")
+
+
+def test_the_joblib_launcher_composes():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose(
+            "train", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], return_hydra_config=True
+        )
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
