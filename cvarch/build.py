@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from cvarch.augment import Augment
@@ -133,16 +136,82 @@ def build_module(
     )
 
 
-def build_all(node: DictConfig | None) -> list[Any]:
-    """Instantiates every ``_target_`` entry of a dict-of-objects group (``logger``, ``callbacks``)."""
+def build_all(node: DictConfig | None, **kwargs: Any) -> list[Any]:
+    """Instantiates every ``_target_`` entry of a dict-of-objects group (``logger``, ``callbacks``); ``kwargs``
+    maps an entry's name to extra arguments for it."""
     if not node:
         return []
-    return [instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+    return [
+        instantiate(v, **kwargs.get(k, {}))
+        for k, v in node.items()
+        if isinstance(v, DictConfig) and "_target_" in v
+    ]
+
+
+def swept_keys(sweep_dir: Path) -> list[str]:
+    """The keys a multirun sweeps (command-line sweeps and ``hydra.sweeper.params``), from the
+    ``multirun.yaml`` Hydra's sweeper writes before the first job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return []
+    hydra_cfg = OmegaConf.load(path).hydra
+    overrides = list(hydra_cfg.overrides.task)
+    overrides += [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def sweep_identity(cfg: DictConfig) -> dict[str, Any]:
+    """W&B ``group``, ``name`` and ``tags`` of a multirun job: grouped by the sweep (``<task_name>/<sweep
+    folder>``, its start time), named by its swept overrides (``norm=none,seed=1``) and tagged with them, seed
+    aside, so the W&B UI can group the jobs and average the seeds. Empty outside a multirun."""
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # the Python API without compose
+        return {}
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return {}
+    keys = set(swept_keys(Path(hydra_cfg.sweep.dir)))
+    job = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in keys]
+    return {
+        "group": f"{cfg.task_name}/{Path(hydra_cfg.sweep.dir).name}",
+        "name": ",".join(job) or f"job{hydra_cfg.job.num}",
+        "tags": [*cfg.get("tags", []), *(o for o in job if not o.startswith("seed="))],
+    }
+
+
+def _started(logger: Any, cfg: DictConfig) -> Any:
+    """Starts a W&B logger's run now; if W&B cannot start (init error or ``settings.init_timeout``), warns and
+    returns a CSV logger in the run directory instead, so no metric is lost."""
+    if type(logger).__name__ != "WandbLogger":
+        return logger
+    try:
+        logger.experiment  # noqa: B018 — the property runs wandb.init
+    except Exception as err:
+        warnings.warn(
+            f"W&B could not start ({type(err).__name__}: {str(err)[:200]}); logging to CSV in "
+            f"{cfg.paths.output_dir}/csv instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return CSVLogger(cfg.paths.output_dir, name="csv")
+    return logger
 
 
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
     """The ``trainer`` group's Trainer with the ``logger`` and ``callbacks`` groups attached."""
-    loggers = build_all(cfg.get("logger"))
+    identity = sweep_identity(cfg)
+    wandb_node = (cfg.get("logger") or {}).get("wandb")
+    if wandb_node is not None and identity:  # a name or group set by the user is kept
+        if wandb_node.get("name"):
+            identity.pop("name")
+        if wandb_node.get("group") not in (None, cfg.task_name):
+            identity.pop("group")
+    loggers = [_started(logger, cfg) for logger in build_all(cfg.get("logger"), wandb=identity)]
     callbacks = build_all(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; logger=none just drops it
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

@@ -98,6 +98,7 @@ def test_multirun_jobs_are_separate_wandb_runs(tmp_path):
         "cvarch-train",
         "-m",
         "seed=0,1",
+        "norm=batchnorm",
         "trainer.max_epochs=1",
         f"paths.log_dir={tmp_path}",
         f"paths.cache_dir={tmp_path}/cache",
@@ -105,14 +106,19 @@ def test_multirun_jobs_are_separate_wandb_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in tmp_path.rglob("multiruns/*/*/metrics.json"))
     assert [j.name for j in jobs] == ["0", "1"]
-    ids = set()
+    ids, groups = set(), set()
     for seed, job in enumerate(jobs):
         assert f"seed: {seed}" in (job / "config.yaml").read_text()
         runs = list((job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1
         ids.add(runs[0].name.rsplit("-", 1)[-1])
-        assert wandb_log.history(next(runs[0].glob("run-*.wandb")))  # each run has its own logged metrics
+        log = next(runs[0].glob("run-*.wandb"))
+        assert wandb_log.history(log)  # each run has its own logged metrics
+        run = wandb_log.run(log)  # named by the swept overrides, grouped by the sweep, seed not a tag
+        assert run["name"] == f"seed={seed}" and run["tags"] == ["dev"]
+        groups.add(run["group"])
     assert len(ids) == 2
+    assert groups == {f"train/{jobs[0].parent.name}"}  # one group: the multirun's task and start time
 
 
 @pytest.mark.slow

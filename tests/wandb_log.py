@@ -69,3 +69,14 @@ def config(path: str | Path) -> dict[str, object]:
 def summary(path: str | Path) -> dict[str, object]:
     """The run summary as last updated (``run.summary``)."""
     return {k: v for update in _items(path, "summary", "update") for k, v in update.items()}
+
+
+def run(path: str | Path) -> dict[str, object]:
+    """The run record: group, display name, tags and job type as W&B stored them."""
+    record = next(r.run for r in records(path) if r.WhichOneof("record_type") == "run")
+    return {
+        "group": record.run_group,
+        "name": record.display_name,
+        "tags": list(record.tags),
+        "job_type": record.job_type,
+    }
