@@ -272,3 +272,81 @@ class AugmentationGrid(pl.Callback):
         path = self.dirpath / self.filename
         save_image(images, path, nrow=self.nrow)
         return path
+
+
+class TestPredictions(pl.Callback):
+    """At test time: the confusion matrix (``confusion_matrix.json`` in the run directory) and, with a W&B
+    logger, W&B's confusion-matrix plot and a table of the first test images with their labels and predictions.
+
+    Args:
+        dirpath: folder of ``confusion_matrix.json``.
+        num_images: test images in the W&B table.
+    """
+
+    def __init__(self, dirpath: str, num_images: int = 32) -> None:
+        self.dirpath = Path(dirpath)
+        self.num_images = num_images
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.targets: list[torch.Tensor] = []
+        self.preds: list[torch.Tensor] = []
+        self.images: list[tuple[torch.Tensor, int, int, float]] = []
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, dict) or "logits" not in outputs:
+            return
+        x, y = batch
+        probs = outputs["logits"].detach().float().softmax(dim=1)
+        confidence, pred = probs.max(dim=1)
+        self.targets.append(y.cpu())
+        self.preds.append(pred.cpu())
+        for i in range(min(len(y), self.num_images - len(self.images))):
+            self.images.append((x[i].cpu(), int(y[i]), int(pred[i]), float(confidence[i])))
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.targets or not trainer.is_global_zero:
+            return
+        targets, preds = torch.cat(self.targets), torch.cat(self.preds)
+        k = int(
+            pl_module.hparams.get("model", {}).get("num_classes") or int(max(targets.max(), preds.max())) + 1
+        )
+        matrix = torch.bincount(targets * k + preds, minlength=k * k).view(
+            k, k
+        )  # rows: true, columns: predicted
+        datamodule = getattr(trainer, "datamodule", None)
+        classes = list(getattr(datamodule, "classes", None) or [str(i) for i in range(k)])[:k]
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / "confusion_matrix.json").write_text(
+            json.dumps({"classes": classes, "matrix": matrix.tolist()}) + "\n"
+        )
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                self._log_wandb(logger, classes, targets, preds, getattr(pl_module, "eval_split", "test"))
+
+    def _log_wandb(
+        self, logger: Any, classes: list[str], targets: torch.Tensor, preds: torch.Tensor, prefix: str
+    ) -> None:
+        import wandb
+
+        table = wandb.Table(columns=["image", "label", "prediction", "confidence"])
+        for image, label, pred, confidence in self.images:
+            array = image.permute(1, 2, 0).squeeze(-1).numpy() if image.dtype == torch.uint8 else None
+            table.add_data(
+                wandb.Image(array) if array is not None else None, classes[label], classes[pred], confidence
+            )
+        logger.experiment.log(
+            {
+                f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
+                    y_true=targets.tolist(), preds=preds.tolist(), class_names=classes
+                ),
+                f"{prefix}/predictions": table,
+            }
+        )

@@ -222,7 +222,7 @@ class ClassificationModule(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc, self.val_top5)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         logits = self._evaluate(batch, self.eval_split, self.test_acc, self.test_top5)
         x, y = batch
         # with one view TTA is the plain prediction; the metric is logged either way, so runs compare
@@ -231,6 +231,7 @@ class ClassificationModule(pl.LightningModule):
         self.test_top5_tta(probs, y)
         self.log(f"{self.eval_split}/acc_tta", self.test_acc_tta, on_epoch=True)
         self.log(f"{self.eval_split}/acc_tta_top5", self.test_top5_tta, on_epoch=True)
+        return {"logits": logits}  # for callbacks' on_test_batch_end (TestPredictions)
 
     def configure_optimizers(self) -> Any:
         groups = param_groups(

@@ -9,6 +9,7 @@ import matplotlib.image
 import pytest
 
 from cvarch.callbacks import LearningCurves
+from tests import wandb_log
 
 
 def test_history_is_saved_as_json_and_png(tmp_path):
@@ -57,3 +58,18 @@ def test_activation_stats_reach_wandb(compose_tmp):
     assert len(rows) == 1 and 0.1 < rows[0]["activation_std/hidden.9.act"] < 0.5  # Xavier + tanh holds up
     assert rows[0]["activations/hidden.0.act/_type"] == "histogram"  # nested keys, flattened by the reader
     assert sum(rows[0]["activations/hidden.0.act/values"]) > 0
+
+
+def test_test_predictions_write_the_confusion_matrix_and_log_it_with_test_images(default_run):
+    out = default_run["output_dir"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    confusion = json.loads((out / "confusion_matrix.json").read_text())
+    matrix = confusion["matrix"]
+    total = sum(map(sum, matrix))
+    assert confusion["classes"] == [str(i) for i in range(10)] and total == 270  # digits: 15% of 1,797 test
+    # the best checkpoint's test accuracy is the matrix's trace over its total
+    assert sum(matrix[i][i] for i in range(10)) / total == pytest.approx(metrics["test/acc"], abs=1e-6)
+    log = next(out.glob("wandb/offline-run-*/run-*.wandb"))
+    logged = {k: v for row in wandb_log.history(log) for k, v in row.items()}
+    assert logged["test/confusion_matrix_table/nrows"] == 100  # 10 × 10 (actual, predicted, count) rows
+    assert logged["test/predictions/nrows"] == 32 and logged["test/predictions/ncols"] == 4
