@@ -118,6 +118,54 @@ def paired_differences(
     ]
 
 
+def _history_value(row: dict[str, float], key: str) -> float | None:
+    """A ``history.json`` row's ``key``; ``<split>/error`` is ``1 − <split>/acc`` (the papers plot error)."""
+    if key in row:
+        return float(row[key])
+    if key.endswith("/error") and key.removesuffix("/error") + "/acc" in row:
+        return 1.0 - float(row[key.removesuffix("/error") + "/acc"])
+    return None
+
+
+def curves(jobs: Sequence[dict[str, Any]], factors: Sequence[str], key: str) -> dict[str, list[list[float]]]:
+    """Per group, the seed-averaged per-epoch ``key`` of the jobs' ``history.json`` (``LearningCurves``):
+    ``{"norm=none": [[epoch, mean], …]}``."""
+    per_epoch: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for job in jobs:
+        path = Path(job["dir"]) / "history.json"
+        if job["metrics"] is None or not path.is_file():
+            continue
+        label = " ".join(f"{f}={v}" for f, v in zip(factors, _level(job, factors), strict=True)) or "all"
+        for row in json.loads(path.read_text()):
+            value = _history_value(row, key)
+            if value is not None:
+                per_epoch[label][int(row["epoch"])].append(value)
+    return {
+        label: [[epoch, statistics.fmean(values)] for epoch, values in sorted(epochs.items())]
+        for label, epochs in sorted(per_epoch.items())
+    }
+
+
+def plot_curves(series: dict[str, list[list[float]]], key: str, path: Path) -> Path:
+    """One line per group: the seed-averaged ``key`` against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        ax.plot([p[0] + 1 for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The group table (mean ± std, n), the paired differences, and the unfinished jobs, as Markdown."""
     factors, metric = summary["factors"], summary["metric"]
@@ -173,6 +221,7 @@ def report(
     metric: str = "test/acc",
     baseline: tuple[str, str] | None = None,
     out_dir: str | Path | None = None,
+    curve: str | None = None,
 ) -> dict[str, Any]:
     """Writes ``report.md``, ``report.csv``, ``report.json`` and ``report.png`` for a sweep and returns the summary.
 
@@ -181,6 +230,8 @@ def report(
         metric: the ``metrics.json`` key compared (``test/acc``, ``val/acc``, ``train/loss``, …).
         baseline: ``(factor, value)`` to pair every other group's jobs against.
         out_dir: where the files go; the sweep folder by default.
+        curve: a ``history.json`` key (``train/acc``, ``val/loss``; ``train/error`` = 1 − ``train/acc``) to plot
+            per epoch and group into ``report_curves.png``.
     """
     jobs = read_jobs(sweep_dir)
     factors = swept_factors(jobs)
@@ -192,6 +243,8 @@ def report(
         "failed": [j["job"] for j in jobs if j["metrics"] is None],
         "baseline": list(baseline) if baseline else None,
         "paired": paired_differences(jobs, metric, factors, baseline) if baseline else [],
+        "curve": curve,
+        "curves": curves(jobs, factors, curve) if curve else {},
     }
     out = Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,11 +257,13 @@ def report(
             writer.writerow([*(g[k] for k in factors), g["n"], g["mean"], g["std"]])
     if summary["groups"]:
         plot(summary, out / "report.png")
+    if summary["curves"]:
+        plot_curves(summary["curves"], curve, out / "report_curves.png")
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``cvarch-report <multirun dir> [--metric test/acc] [--baseline key=value] [--out DIR]``."""
+    """``cvarch-report <multirun dir> [--metric test/acc] [--baseline key=value] [--curve KEY] [--out DIR]``."""
     parser = argparse.ArgumentParser(prog="cvarch-report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a multirun folder (logs/<task>/multiruns/<time>)")
     parser.add_argument("--metric", default="test/acc", help="metrics.json key to compare (default test/acc)")
@@ -216,13 +271,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--baseline", help="factor=value the other groups are paired against, e.g. norm=batchnorm"
     )
     parser.add_argument("--out", help="output folder (default: the sweep folder)")
+    parser.add_argument(
+        "--curve", help="history.json key plotted per epoch, e.g. train/error (1 − train/acc)"
+    )
     args = parser.parse_args(argv)
     baseline = None
     if args.baseline:
         if "=" not in args.baseline:
             parser.error(f"--baseline {args.baseline!r}: expected factor=value, e.g. norm=batchnorm")
         baseline = tuple(args.baseline.split("=", 1))
-    summary = report(args.sweep_dir, metric=args.metric, baseline=baseline, out_dir=args.out)
+    summary = report(
+        args.sweep_dir, metric=args.metric, baseline=baseline, out_dir=args.out, curve=args.curve
+    )
     print(markdown(summary), end="")
     print(Path(args.out or args.sweep_dir))
 

@@ -149,3 +149,20 @@ def test_a_failing_job_leaves_the_others_and_is_listed(tmp_path):
     summary = report(sweep)
     assert [g["optimizer.lr"] for g in summary["groups"]] == ["0.01"] and summary["groups"][0]["n"] == 1
     assert summary["failed"] == ["0"]
+
+
+def test_curves_average_the_seeds_per_epoch_and_error_is_one_minus_accuracy(sweep, tmp_path):
+    for job, accs in (
+        ("0", [0.5, 0.7]),
+        ("1", [0.3, 0.5]),
+        ("3", [0.2, 0.4]),
+    ):  # batchnorm seeds 0, 1; none 0
+        history = [{"epoch": e, "train/acc": a, "train/loss": 1 - a} for e, a in enumerate(accs)]
+        (sweep / job / "history.json").write_text(json.dumps(history))
+    summary = report(sweep, curve="train/error", out_dir=tmp_path / "out")
+    assert summary["curves"]["norm=batchnorm"] == [[0, pytest.approx(0.6)], [1, pytest.approx(0.4)]]
+    assert summary["curves"]["norm=none"] == [[0, pytest.approx(0.8)], [1, pytest.approx(0.6)]]
+    assert (tmp_path / "out" / "report_curves.png").stat().st_size > 1000
+    assert report(sweep, curve="train/loss", out_dir=tmp_path / "o2")["curves"]["norm=none"][1][
+        1
+    ] == pytest.approx(0.6)
