@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import cvarch
 from cvarch.build import build_all, build_datamodule, build_model, build_module
 from cvarch.config import CONFIG_DIR, ConfigError, compose, validate
-from tests.conftest import make_image_tree, run_cli
+from tests.conftest import make_image_tree, run_cli, tmp_overrides
 
 # model configs are built and trained at their native sizes by tests/models/test_configs.py
 OPTIONS = sorted(
@@ -238,3 +238,41 @@ def test_the_joblib_launcher_composes():
             "train", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], return_hydra_config=True
         )
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+
+
+# the lecture's questions as multirun presets: experiment → (swept keys → values, jobs)
+PRESETS = {
+    "resnet_degradation": ({"model": "plain20,plain56,resnet20,resnet56"}, 4),
+    "preact_vs_postact": ({"model": "resnet110", "model.preact": "false,true"}, 2),
+    "depth_vs_width": ({"model": "wrn16_4,preact_resnet164"}, 2),
+    "stochastic_depth": ({"model": "resnet110", "model.drop_path": "0.0,0.5"}, 2),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_sweep_presets_are_multiruns_of_their_factors(preset):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.task_name == preset
+    assert dict(cfg.hydra.sweeper.params) == PRESETS[preset][0]
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.data.batch_size) == (0.1, 1e-4, 128)  # He 2015
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_sweep_presets_run_their_documented_short_schedule(preset, cifar_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = short_schedule(preset)
+    result = run_cli(
+        "cvarch-train",
+        *overrides,
+        "debug=fdr",
+        "logger=none",
+        *tmp_overrides(tmp_path),
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(sweep.glob("*/metrics.json"))) == PRESETS[preset][1]
