@@ -304,6 +304,7 @@ class TestPredictions(pl.Callback):
         if not isinstance(outputs, dict) or "logits" not in outputs:
             return
         x, y = batch
+        self.num_classes = outputs["logits"].shape[1]  # the model's classes, whichever appear in the split
         probs = outputs["logits"].detach().float().softmax(dim=1)
         confidence, pred = probs.max(dim=1)
         self.targets.append(y.cpu())
@@ -315,12 +316,9 @@ class TestPredictions(pl.Callback):
         if not self.targets or not trainer.is_global_zero:
             return
         targets, preds = torch.cat(self.targets), torch.cat(self.preds)
-        k = int(
-            pl_module.hparams.get("model", {}).get("num_classes") or int(max(targets.max(), preds.max())) + 1
-        )
-        matrix = torch.bincount(targets * k + preds, minlength=k * k).view(
-            k, k
-        )  # rows: true, columns: predicted
+        k = self.num_classes
+        # rows: true class, columns: predicted class
+        matrix = torch.bincount(targets * k + preds, minlength=k * k).view(k, k)
         datamodule = getattr(trainer, "datamodule", None)
         classes = list(getattr(datamodule, "classes", None) or [str(i) for i in range(k)])[:k]
         self.dirpath.mkdir(parents=True, exist_ok=True)
