@@ -202,8 +202,15 @@ def _started(logger: Any, cfg: DictConfig) -> Any:
     return logger
 
 
-def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
-    """The ``trainer`` group's Trainer with the ``logger`` and ``callbacks`` groups attached."""
+def build_trainer(cfg: DictConfig, start: bool = True, **kwargs: Any) -> pl.Trainer:
+    """The ``trainer`` group's Trainer with the ``logger`` and ``callbacks`` groups attached.
+
+    Args:
+        cfg: the run config.
+        start: start the W&B run now (see :func:`start_loggers`); ``False`` leaves that to the caller, so
+            a run that fails on its inputs creates none.
+        kwargs: extra Trainer arguments.
+    """
     identity = sweep_identity(cfg)
     wandb_node = (cfg.get("logger") or {}).get("wandb")
     if wandb_node is not None and identity:  # a name or group set by the user is kept
@@ -211,8 +218,21 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
             identity.pop("name")
         if wandb_node.get("group") not in (None, cfg.task_name):
             identity.pop("group")
-    loggers = [_started(logger, cfg) for logger in build_all(cfg.get("logger"), wandb=identity)]
+    loggers = build_all(cfg.get("logger"), wandb=identity)
     callbacks = build_all(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; logger=none just drops it
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **kwargs)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **kwargs)
+    if start:
+        start_loggers(trainer, cfg)
+    return trainer
+
+
+def start_loggers(trainer: pl.Trainer, cfg: DictConfig) -> None:
+    """Starts the W&B run on the global-zero process only (the Trainer knows its rank before DDP starts the
+    others), so a DDP job is one W&B run; a W&B logger that cannot start is swapped for a CSV logger."""
+    if not trainer.is_global_zero:
+        return
+    started = [_started(logger, cfg) for logger in trainer.loggers]
+    if any(new is not old for new, old in zip(started, trainer.loggers, strict=True)):
+        trainer.loggers = started

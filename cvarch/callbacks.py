@@ -313,21 +313,27 @@ class TestPredictions(pl.Callback):
             self.images.append((x[i].cpu(), int(y[i]), int(pred[i]), float(confidence[i])))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.targets or not trainer.is_global_zero:
+        if not self.targets:
             return
         targets, preds = torch.cat(self.targets), torch.cat(self.preds)
         k = self.num_classes
-        # rows: true class, columns: predicted class
-        matrix = torch.bincount(targets * k + preds, minlength=k * k).view(k, k)
+        # rows: true class, columns: predicted class; summed over DDP processes (each tested a shard)
+        local = torch.bincount(targets * k + preds, minlength=k * k).view(k, k)
+        matrix = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="sum").cpu()
+        if not trainer.is_global_zero:
+            return
         datamodule = getattr(trainer, "datamodule", None)
         classes = list(getattr(datamodule, "classes", None) or [str(i) for i in range(k)])[:k]
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "confusion_matrix.json").write_text(
             json.dumps({"classes": classes, "matrix": matrix.tolist()}) + "\n"
         )
+        cells = torch.arange(k * k).repeat_interleave(matrix.flatten())  # each test image's label * k + pred
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                self._log_wandb(logger, classes, targets, preds, getattr(pl_module, "eval_split", "test"))
+                self._log_wandb(
+                    logger, classes, cells // k, cells % k, getattr(pl_module, "eval_split", "test")
+                )
 
     def _log_wandb(
         self, logger: Any, classes: list[str], targets: torch.Tensor, preds: torch.Tensor, prefix: str

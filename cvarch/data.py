@@ -19,7 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.v2 import functional as TF
 
 CACHE_VERSION = 1  # bump when the cached layout changes, so old caches are ignored
@@ -109,7 +109,7 @@ class ImageDataModule(pl.LightningDataModule):
         train_per_class: keep exactly this many training images of each class (seeded by ``split_seed``,
             stratified), leaving val and test untouched, so little- and more-data runs are scored on the same
             images; ``None`` keeps all.
-        batch_size: images per step.
+        batch_size: images per optimizer step, over all processes (under DDP each loads batch_size ÷ world).
         num_workers: DataLoader worker processes.
         pin_memory: page-locked batches; ``None`` means "when CUDA is available".
         cache_dir: folder of the decoded-tensor cache.
@@ -204,16 +204,37 @@ class ImageDataModule(pl.LightningDataModule):
         self.setup()
         return self.splits["train"].images
 
+    def world(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the Trainer that loads from this module; ``(1, 0)`` without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
-        """A DataLoader over one split (``train``, ``val`` or ``test``)."""
+        """A DataLoader over one split (``train``, ``val`` or ``test``) for this process.
+
+        ``batch_size`` is the global batch: under DDP each of the ``world`` processes loads ``batch_size ÷
+        world``. The training order is a function of the seed and the epoch alone (a seeded
+        ``DistributedSampler``, also with one process), so one process and N processes see the same global
+        batches, and runs that differ in anything but the seed (init, norm, model) see the same data order.
+        """
         self.setup()
         if split not in self.splits:
             raise KeyError(f"unknown split {split!r}; expected one of {sorted(self.splits)}")
+        world, rank = self.world()
+        if self.batch_size % world:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the global batch; it must divide evenly among the "
+                f"{world} processes (trainer.devices × trainer.num_nodes)"
+            )
         dataset = TensorImageDataset(self.splits[split])
+        sampler = None
+        if shuffle:  # Lightning's own seed for its samplers: seed_everything's
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
+            batch_size=self.batch_size // world,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

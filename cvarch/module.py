@@ -176,18 +176,22 @@ class ClassificationModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         for name in self.stage_names[:-1]:
             stage_loss = F.cross_entropy(stages[name], y, label_smoothing=self.label_smoothing)
-            self.log(f"train/loss_{name}", stage_loss, on_step=False, on_epoch=True)
+            self.log(f"train/loss_{name}", stage_loss, on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + stage_loss
         for head in aux:
             aux_loss = F.cross_entropy(head, y, label_smoothing=self.label_smoothing)
             loss = loss + self.aux_weight * aux_loss
         penalty = self.regularizer(self.model)
         if penalty is not None:  # logged apart from the data term
-            self.log("train/data_loss", loss, on_step=False, on_epoch=True)
-            self.log("train/penalty", penalty, on_step=False, on_epoch=True)
+            self.log("train/data_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+            self.log("train/penalty", penalty, on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + penalty
         self.train_acc(logits, y.argmax(dim=1) if y.is_floating_point() else y)  # soft: the dominant class
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        # losses are tensors: sync_dist averages them over DDP processes (metrics objects sync themselves)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(
+            "train/loss_step", loss.detach(), on_step=True, on_epoch=False, sync_dist=True
+        )  # per-step curve
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
@@ -214,7 +218,13 @@ class ClassificationModule(pl.LightningModule):
         logits = self._main(output)
         acc(logits, y)
         top5(logits, y)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=prefix == "val")
+        self.log(
+            f"{prefix}/loss",
+            F.cross_entropy(logits, y),
+            on_epoch=True,
+            prog_bar=prefix == "val",
+            sync_dist=True,
+        )
         self.log(f"{prefix}/acc", acc, on_epoch=True, prog_bar=prefix == "val")
         self.log(f"{prefix}/acc_top5", top5, on_epoch=True)
         return logits

@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,12 +217,73 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def wandb_node(jobs: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], str] | None:
+    """The ``logger.wandb`` node and ``task_name`` of the sweep's jobs (from a job's ``config.yaml``); ``None``
+    when the jobs logged without W&B."""
+    for job in jobs:
+        path = Path(job["dir"]) / "config.yaml"
+        if path.is_file():
+            cfg = yaml.safe_load(path.read_text()) or {}
+            node = (cfg.get("logger") or {}).get("wandb")
+            return (node, cfg.get("task_name", "train")) if node else None
+    return None
+
+
+def log_wandb(summary: dict[str, Any], out: Path, node: dict[str, Any], task_name: str) -> Path | None:
+    """Logs the report (group table, paired differences, plots) as one W&B run of ``job_type=report`` in the
+    sweep's W&B group (the jobs' group: ``<task_name>/<sweep folder>``, or the group they were given), with the
+    jobs' project and mode (offline by default). If W&B cannot start, warns and returns ``None``: the report
+    files are written already."""
+    import wandb
+
+    sweep = Path(summary["sweep_dir"]).resolve()
+    group = node.get("group")
+    if group in (None, task_name):  # the jobs' group, as cvarch.build.sweep_identity names it
+        group = f"{task_name}/{sweep.name}"
+    factors, metric = summary["factors"], summary["metric"]
+    try:
+        run = wandb.init(
+            project=node.get("project") or "cvarch",
+            entity=node.get("entity"),
+            mode=node.get("mode") or "offline",
+            dir=str(out),
+            group=group,
+            job_type="report",
+            name=f"report {metric}",
+            config={k: summary[k] for k in ("sweep_dir", "metric", "factors", "baseline", "failed")},
+            settings=wandb.Settings(**(node.get("settings") or {})),
+        )
+    except Exception as err:
+        warnings.warn(
+            f"W&B could not start ({type(err).__name__}: {str(err)[:200]})", RuntimeWarning, stacklevel=2
+        )
+        return None
+    columns = [*factors, "n", f"{metric} mean", f"{metric} std"]
+    rows = [[*(g[f] for f in factors), g["n"], g["mean"], g["std"]] for g in summary["groups"]]
+    log: dict[str, Any] = {"report/groups": wandb.Table(columns=columns, data=rows)}
+    if summary["paired"]:
+        columns = [*factors, f"delta {metric} mean", f"delta {metric} std", "pairs"]
+        rows = [
+            [*(d[f] for f in factors), d["mean_diff"], d["std_diff"], d["pairs"]] for d in summary["paired"]
+        ]
+        log["report/paired"] = wandb.Table(columns=columns, data=rows)
+    for name in ("report.png", "report_curves.png"):
+        if (out / name).is_file():
+            log[f"report/{name[:-4]}"] = wandb.Image(str(out / name))
+    run.log(log)
+    run.summary["failed_jobs"] = len(summary["failed"])
+    path = Path(run.dir).parent
+    run.finish()
+    return path
+
+
 def report(
     sweep_dir: str | Path,
     metric: str = "test/acc",
     baseline: tuple[str, str] | None = None,
     out_dir: str | Path | None = None,
     curve: str | None = None,
+    wandb: str = "auto",
 ) -> dict[str, Any]:
     """Writes ``report.md``, ``report.csv``, ``report.json`` and ``report.png`` for a sweep and returns the summary.
 
@@ -232,6 +294,8 @@ def report(
         out_dir: where the files go; the sweep folder by default.
         curve: a ``history.json`` key (``train/acc``, ``val/loss``; ``train/error`` = 1 − ``train/acc``) to plot
             per epoch and group into ``report_curves.png``.
+        wandb: ``auto`` logs the report to W&B when the jobs logged to W&B (:func:`log_wandb`), ``on`` always
+            (W&B's defaults: project cvarch, offline), ``off`` never.
     """
     jobs = read_jobs(sweep_dir)
     factors = swept_factors(jobs)
@@ -248,7 +312,6 @@ def report(
     }
     out = Path(out_dir or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "report.md").write_text(markdown(summary))
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -259,6 +322,12 @@ def report(
         plot(summary, out / "report.png")
     if summary["curves"]:
         plot_curves(summary["curves"], curve, out / "report_curves.png")
+    found = wandb_node(jobs) if wandb != "off" else None
+    if wandb == "on" and found is None:
+        found = ({}, Path(sweep_dir).resolve().parent.parent.name)  # logs/<task_name>/multiruns/<time>
+    if found is not None:
+        summary["wandb_run"] = str(log_wandb(summary, out, *found))
+    (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -274,6 +343,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--curve", help="history.json key plotted per epoch, e.g. train/error (1 − train/acc)"
     )
+    parser.add_argument(
+        "--wandb",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="log the table and plots as a W&B run in the sweep's group: auto = when the jobs used W&B",
+    )
     args = parser.parse_args(argv)
     baseline = None
     if args.baseline:
@@ -281,7 +356,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--baseline {args.baseline!r}: expected factor=value, e.g. norm=batchnorm")
         baseline = tuple(args.baseline.split("=", 1))
     summary = report(
-        args.sweep_dir, metric=args.metric, baseline=baseline, out_dir=args.out, curve=args.curve
+        args.sweep_dir,
+        metric=args.metric,
+        baseline=baseline,
+        out_dir=args.out,
+        curve=args.curve,
+        wandb=args.wandb,
     )
     print(markdown(summary), end="")
     print(Path(args.out or args.sweep_dir))

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from cvarch.build import (
     build_trainer,
     build_transfer,
     instantiate,
+    start_loggers,
 )
 from cvarch.compare import count_macs
-from cvarch.config import CONFIG_DIR, validate
+from cvarch.config import CONFIG_DIR, ConfigError, validate
 from cvarch.tta import TestTimeAugment
 
 METRIC_KEYS = (
@@ -58,7 +60,9 @@ def model_cost(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> dic
 
 
 def log_summary(trainer: pl.Trainer, values: dict[str, float]) -> None:
-    """Puts run-level figures (params, GMACs) into the W&B run summary."""
+    """Puts run-level figures (params, GMACs) into the W&B run summary (global-zero process only)."""
+    if not trainer.is_global_zero:
+        return
     for logger in trainer.loggers:
         if type(logger).__name__ == "WandbLogger":
             logger.experiment.summary.update(values)
@@ -89,6 +93,39 @@ def job_threads(cfg: DictConfig) -> int | None:
     return 1 if n_jobs < 0 else max(1, cores // int(n_jobs))
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """Makes DDP safe inside a local multirun, before any work: Lightning's ``ddp`` launcher re-runs the command
+    line in each new process, which in a multirun (``-m``) would start the whole sweep again in each. There
+    ``trainer.strategy=ddp`` becomes ``ddp_spawn`` (the same algorithm; the processes are spawned inside the
+    job), with a warning, and the run's config.yaml records it.
+
+    Processes started from outside (torchrun, ``srun``, the submitit SLURM launcher) are left alone: Lightning
+    then starts none itself."""
+    from hydra.types import RunMode
+
+    processes = int(cfg.trainer.get("devices") or 1) * int(cfg.trainer.get("num_nodes") or 1)
+    if cfg.trainer.get("strategy") != "ddp" or processes < 2 or external_launch():
+        return
+    try:
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # the Python API without Hydra
+        return
+    if multirun:
+        warnings.warn(
+            f"trainer.strategy=ddp with {processes} processes in a local multirun: using ddp_spawn, because "
+            "Lightning's ddp launcher re-runs the command line (the whole sweep) in each process",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        cfg.trainer.strategy = "ddp_spawn"
+
+
+def external_launch() -> bool:
+    """Whether this process was started by torchrun or SLURM ``srun`` as one rank of several."""
+    env = os.environ
+    return "TORCHELASTIC_RUN_ID" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains, validates and tests the best checkpoint of one run; writes config.yaml and metrics.json.
 
@@ -107,11 +144,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(threads)
     OmegaConf.resolve(cfg)
     validate(cfg)
+    metric = cfg.get("optimized_metric")
+    if metric is not None and metric not in METRIC_KEYS and not STAGE_METRIC.fullmatch(metric):
+        raise ConfigError(
+            f"optimized_metric={metric!r} is not a metric cvarch-train writes; expected one of "
+            f"{', '.join(METRIC_KEYS)} or (transfer=stage_probes) val/acc_stage<k>"
+        )
     transfer = build_transfer(cfg)
     source_preprocess = transfer.adopt(cfg)  # a cvarch source brings its model and preprocess into the config
+    check_launch(cfg)
+    trainer = build_trainer(cfg, start=False)  # knows this process's DDP rank; W&B starts after the checks
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml")
+    if trainer.is_global_zero:  # DDP: the other processes share rank 0's run directory and write nothing
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml")
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
@@ -131,7 +177,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg, image_shape=input_shape, batch=batch, transfer=transfer)
     cost = model_cost(model, input_shape)
     module = build_module(cfg, model, preprocess=preprocess, augment=augment)
-    trainer = build_trainer(cfg)
+    start_loggers(trainer, cfg)
     try:
         log_summary(trainer, cost)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -156,7 +202,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_ckpt": best or None,
         "output_dir": str(output_dir),
     }
-    write_metrics(metrics, output_dir)
+    if trainer.is_global_zero:
+        write_metrics(metrics, output_dir)
     return metrics
 
 
@@ -165,7 +212,7 @@ def main(cfg: DictConfig) -> float:
     """``cvarch-train [overrides]``; the last line printed is the run directory."""
     metrics = train(cfg)
     print(metrics["output_dir"])
-    return metrics["val/acc"]  # what a Hydra sweeper optimizes
+    return metrics.get(cfg.optimized_metric)  # what a Hydra sweeper (hparams_search) optimizes
 
 
 if __name__ == "__main__":

@@ -393,3 +393,39 @@ def test_real_cifar10_first5_gives_1000_125_125_per_class(cifar_root, compose_tm
     assert len(few.splits["train"]) == 500 and torch.equal(
         few.splits["test"].images, dm.splits["test"].images
     )
+
+
+class _Trainer:  # what ImageDataModule.world reads from the Trainer
+    def __init__(self, world_size: int, global_rank: int) -> None:
+        self.world_size, self.global_rank = world_size, global_rank
+
+
+def _first_batch(world_size: int, rank: int, epoch: int = 0) -> torch.Tensor:
+    dm = FakeDataModule(train_size=100, image_size=4, num_classes=10, channels=1, batch_size=20)
+    dm.trainer = _Trainer(world_size, rank) if world_size > 1 else None
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)  # what Lightning's fit loop does each epoch
+    images, _ = next(iter(loader))
+    return images
+
+
+def test_the_training_order_is_a_function_of_seed_and_epoch_and_ddp_shards_the_same_global_batch(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")  # seed_everything's seed, as Lightning's own samplers read it
+    torch.manual_seed(0)
+    one = _first_batch(1, 0)
+    torch.manual_seed(1)  # the global RNG (what init or dropout consumed) does not move the order
+    assert torch.equal(_first_batch(1, 0), one)
+    assert not torch.equal(_first_batch(1, 0, epoch=1), one)  # a new order each epoch
+    shards = [_first_batch(2, rank) for rank in (0, 1)]
+    assert [len(s) for s in shards] == [10, 10]  # batch_size is the global batch
+    key = lambda t: sorted(t.flatten(1).tolist())  # noqa: E731
+    assert key(torch.cat(shards)) == key(one)  # the two processes' batches = one process's batch
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    assert not torch.equal(_first_batch(1, 0), one)
+
+
+def test_a_global_batch_that_does_not_split_evenly_names_the_key():
+    dm = FakeDataModule(train_size=30, image_size=4, num_classes=10, channels=1, batch_size=15)
+    dm.trainer = _Trainer(2, 0)
+    with pytest.raises(ValueError, match=r"data.batch_size=15 is the global batch.*2 processes"):
+        dm.train_dataloader()

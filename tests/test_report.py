@@ -166,3 +166,29 @@ def test_curves_average_the_seeds_per_epoch_and_error_is_one_minus_accuracy(swee
     assert report(sweep, curve="train/loss", out_dir=tmp_path / "o2")["curves"]["norm=none"][1][
         1
     ] == pytest.approx(0.6)
+
+
+def test_the_table_goes_to_wandb_in_the_sweeps_group_when_the_jobs_used_wandb(sweep, tmp_path):
+    from tests import wandb_log
+
+    sweep = sweep.rename(tmp_path / "2026-01-02_03-04-05")
+    for job in sweep.iterdir():  # what cvarch-train saves: the W&B logger node and the task name
+        config = {"task_name": "norm_ablation", "logger": {"wandb": {"project": "cvarch", "mode": "offline"}}}
+        (job / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = report(sweep, baseline=("norm", "batchnorm"))
+    (log,) = Path(summary["wandb_run"]).glob("run-*.wandb")
+    run = wandb_log.run(log)
+    assert run["group"] == "norm_ablation/2026-01-02_03-04-05" and run["job_type"] == "report"
+    (row,) = wandb_log.history(log)  # one wandb.log call; W&B stores a media value's fields as nested keys
+    assert row["report/groups/_type"] == "table-file" and row["report/groups/nrows"] == 2
+    assert row["report/paired/nrows"] == 1 and row["report/report/_type"] == "image-file"
+    table = json.loads(next(Path(summary["wandb_run"]).rglob("report/groups_*.table.json")).read_text())
+    assert table["columns"] == ["norm", "n", "test/acc mean", "test/acc std"]
+    assert table["data"][0][:2] == ["batchnorm", 3] and table["data"][0][2] == pytest.approx(0.85)
+    assert wandb_log.summary(log)["failed_jobs"] == 1
+
+
+def test_no_wandb_run_without_wandb_jobs_unless_asked(sweep):
+    assert "wandb_run" not in report(sweep)  # the fixture's jobs have no config.yaml: no W&B logger
+    assert not list(sweep.glob("wandb"))
+    assert Path(report(sweep, wandb="on")["wandb_run"]).is_dir()

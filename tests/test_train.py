@@ -211,3 +211,128 @@ def test_job_threads_share_the_cores_among_parallel_jobs(monkeypatch):
 class _Launcher:
     def __init__(self, n_jobs: int) -> None:
         self.launcher = {"n_jobs": n_jobs}
+
+
+def _losses_per_step(run_dir: Path) -> list[float]:
+    """``train/loss_step`` of every step, from the run's one W&B offline log."""
+    (run,) = (run_dir / "wandb").glob("offline-run-*")
+    rows = wandb_log.history(next(run.glob("run-*.wandb")))
+    return [r["train/loss_step"] for r in rows if "train/loss_step" in r]
+
+
+@pytest.fixture(scope="module")
+def ddp_pair(tmp_path_factory):
+    """The same digits run on one process and on 2 DDP processes (gloo): global batch 64 both times; GroupNorm
+    (batch-independent, as torch's SyncBatchNorm is GPU-only) and 1,000 training images (even shards, no
+    padding), so both runs see the same global batches."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    common = (
+        "norm=groupnorm",
+        "data.train_per_class=100",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        f"paths.cache_dir={tmp}/cache",
+    )
+    runs = {}
+    for trainer in ("cpu", "ddp_cpu"):
+        log_dir = tmp / trainer
+        proc = run_cli("cvarch-train", f"trainer={trainer}", f"paths.log_dir={log_dir}", *common)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[trainer] = {"log_dir": log_dir, "output_dir": Path(proc.stdout.strip().splitlines()[-1])}
+    return runs
+
+
+@pytest.mark.slow
+def test_a_ddp_cpu_run_is_one_run_directory_one_metrics_file_one_wandb_run(ddp_pair):
+    run = ddp_pair["ddp_cpu"]
+    assert [p.parent for p in run["log_dir"].rglob("metrics.json")] == [run["output_dir"]]
+    assert list(run["log_dir"].glob("*/runs/*")) == [run["output_dir"]]  # rank 1 made no directory
+    assert len(list(run["log_dir"].rglob("offline-run-*"))) == 1  # nor a W&B run
+    assert wandb_log.config(next(run["log_dir"].rglob("run-*.wandb")))["trainer"]["strategy"] == "ddp"
+    config = (run["output_dir"] / "config.yaml").read_text()
+    assert "strategy: ddp\n" in config and "devices: 2\n" in config
+    checkpoints = list(run["output_dir"].glob("checkpoints/*.ckpt"))
+    assert checkpoints and all(c.parent == run["output_dir"] / "checkpoints" for c in checkpoints)
+    matrix = json.loads((run["output_dir"] / "confusion_matrix.json").read_text())["matrix"]
+    single = json.loads((ddp_pair["cpu"]["output_dir"] / "confusion_matrix.json").read_text())["matrix"]
+    assert sum(map(sum, matrix)) == sum(map(sum, single))  # both processes' test shards, summed
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(ddp_pair):
+    one, two = (_losses_per_step(ddp_pair[k]["output_dir"]) for k in ("cpu", "ddp_cpu"))
+    assert len(one) == len(two) == 2 * 16  # sharded, not repeated: ⌈1000 / 64⌉ = 16 global steps an epoch
+    assert two[0] == pytest.approx(one[0], abs=1e-5)  # the same 64 images, the same initial weights
+    # averaged gradients = the global batch's gradient: the next steps agree too, until float rounding
+    # (different conv blocking for 32 vs 64 images) grows chaotically, as it does in any two SGD runs
+    assert two[1:3] == pytest.approx(one[1:3], abs=1e-4)
+    m1, m2 = (
+        json.loads((ddp_pair[k]["output_dir"] / "metrics.json").read_text()) for k in ("cpu", "ddp_cpu")
+    )
+    assert m2["train/loss"] == pytest.approx(m1["train/loss"], rel=0.05)
+    assert abs(m2["val/acc"] - m1["val/acc"]) <= 0.03 and abs(m2["test/acc"] - m1["test/acc"]) <= 0.03
+    report(
+        f"DDP (2 CPU processes, gloo) vs 1 process, digits, 2 epochs: first-step loss {two[0]:.7f} vs "
+        f"{one[0]:.7f}; val/acc {m2['val/acc']:.4f} vs {m1['val/acc']:.4f}"
+    )
+
+
+@pytest.mark.slow
+def test_ddp_in_a_local_multirun_uses_ddp_spawn_and_keeps_jobs_apart(tmp_path):
+    proc = run_cli(
+        "cvarch-train",
+        "-m",
+        "seed=0,1",
+        "trainer=ddp_cpu",
+        "norm=groupnorm",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=2",
+        "+trainer.limit_test_batches=2",
+        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path}/cache",
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "using ddp_spawn" in proc.stderr
+    (sweep,) = tmp_path.glob("train/multiruns/*")
+    jobs = sorted(p.parent for p in sweep.rglob("metrics.json"))
+    assert [j.name for j in jobs] == ["0", "1"]  # no sweep started again inside a job
+    assert sorted(p.name for p in tmp_path.glob("train/*")) == ["multiruns"]  # and no extra run directory
+    for job in jobs:
+        assert "strategy: ddp_spawn" in (job / "config.yaml").read_text()
+        assert len(list(job.glob("wandb/offline-run-*"))) == 1
+
+
+def test_an_optimized_metric_that_is_never_written_is_refused_before_training(compose_tmp):
+    from cvarch.config import ConfigError
+    from cvarch.train import train
+
+    with pytest.raises(ConfigError, match="optimized_metric='val/accuracy'"):
+        train(compose_tmp("optimized_metric=val/accuracy"))
+
+
+@pytest.mark.slow
+def test_hparams_search_runs_optuna_trials_and_records_the_best(tmp_path):
+    import yaml
+
+    proc = run_cli(
+        "cvarch-train",
+        "hparams_search=sgd",
+        "hydra.sweeper.n_trials=3",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path}/cache",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (sweep,) = tmp_path.glob("train/multiruns/*")
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+    overrides = [yaml.safe_load(p.read_text()) for p in sorted(sweep.glob("*/.hydra/overrides.yaml"))]
+    assert len(trials) == len(overrides) == 3
+    assert len({tuple(o[:3]) for o in overrides}) == 3  # three different draws of lr, weight decay, momentum
+    assert all(o[0].startswith("optimizer.lr=") for o in overrides)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["name"] == "optuna"
+    assert best["best_value"] == pytest.approx(max(t["val/acc"] for t in trials))
+    assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "optimizer.momentum"}
