@@ -100,17 +100,28 @@ def check_launch(cfg: DictConfig) -> None:
     job), with a warning, and the run's config.yaml records it.
 
     Processes started from outside (torchrun, ``srun``, the submitit SLURM launcher) are left alone: Lightning
-    then starts none itself."""
+    then starts none itself. In a single run they get a warning unless ``hydra.run.dir`` is given, since the
+    time-stamped default can differ between processes that start in different seconds."""
     from hydra.types import RunMode
 
-    processes = int(cfg.trainer.get("devices") or 1) * int(cfg.trainer.get("num_nodes") or 1)
-    if cfg.trainer.get("strategy") != "ddp" or processes < 2 or external_launch():
-        return
     try:
-        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        hydra_cfg = HydraConfig.get()
     except ValueError:  # the Python API without Hydra
         return
-    if multirun:
+    if external_launch():
+        if hydra_cfg.mode == RunMode.RUN and not any(
+            o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra
+        ):
+            warnings.warn(
+                "started as one of several processes (torchrun/srun) with the time-stamped default "
+                "hydra.run.dir: processes that start in different seconds get different run directories; "
+                "pass one directory to all, e.g. hydra.run.dir=logs/train/runs/$SLURM_JOB_ID",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return
+    processes = int(cfg.trainer.get("devices") or 1) * int(cfg.trainer.get("num_nodes") or 1)
+    if cfg.trainer.get("strategy") == "ddp" and processes > 1 and hydra_cfg.mode == RunMode.MULTIRUN:
         warnings.warn(
             f"trainer.strategy=ddp with {processes} processes in a local multirun: using ddp_spawn, because "
             "Lightning's ddp launcher re-runs the command line (the whole sweep) in each process",

@@ -220,12 +220,19 @@ def test_the_slurm_launcher_composes_with_one_task_per_gpu():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    overrides = ["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=4", "hydra.launcher.partition=gpu"]
+    overrides = [
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+    ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 4, 4)
+    assert launcher.nodes == 2 and (cfg.trainer.strategy, cfg.trainer.sync_batchnorm) == ("ddp", True)
     assert launcher.timeout_min == 240 and launcher.submitit_folder.endswith(".submitit/%j")
 
 

@@ -336,3 +336,42 @@ def test_hparams_search_runs_optuna_trials_and_records_the_best(tmp_path):
     assert best["name"] == "optuna"
     assert best["best_value"] == pytest.approx(max(t["val/acc"] for t in trials))
     assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "optimizer.momentum"}
+
+
+class _Hydra:  # the parts of HydraConfig.get() that check_launch reads
+    def __init__(self, mode: str, hydra_overrides: tuple[str, ...] = ()) -> None:
+        from hydra.types import RunMode
+
+        self.mode = RunMode[mode]
+        self.overrides = type("O", (), {"hydra": list(hydra_overrides)})()
+
+
+@pytest.mark.parametrize(
+    ("mode", "env", "hydra_overrides", "strategy", "warns"),
+    [
+        ("MULTIRUN", {}, (), "ddp_spawn", "using ddp_spawn"),  # Lightning would re-run the sweep per process
+        ("RUN", {}, (), "ddp", None),  # a single run: Lightning's ddp launcher is right
+        ("MULTIRUN", {"SLURM_NTASKS": "4"}, (), "ddp", None),  # submitit: SLURM started the processes
+        ("RUN", {"TORCHELASTIC_RUN_ID": "x"}, (), "ddp", "hydra.run.dir"),  # torchrun, time-stamped dir
+        ("RUN", {"TORCHELASTIC_RUN_ID": "x"}, ("hydra.run.dir=/runs/1",), "ddp", None),
+    ],
+)
+def test_check_launch(monkeypatch, mode, env, hydra_overrides, strategy, warns):
+    import warnings
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from cvarch.train import check_launch
+
+    for key in ("SLURM_NTASKS", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: _Hydra(mode, hydra_overrides)))
+    cfg = cvarch.compose("trainer=ddp_cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_launch(cfg)
+    assert cfg.trainer.strategy == strategy
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert (warns is None and not messages) or (warns and any(warns in m for m in messages)), messages
