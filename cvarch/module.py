@@ -263,6 +263,9 @@ class ClassificationModule(pl.LightningModule):
                 kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
             else:
                 kwargs["total_steps"] = int(self.trainer.max_epochs)
+        fast_dev_run = self._trainer is not None and self._trainer.fast_dev_run
+        if fast_dev_run and _argument(self.scheduler_factory, "warmup_steps"):
+            kwargs["warmup_steps"] = 0  # debug=fdr checks the wiring in one batch: no room for a warm-up
         scheduler = {
             "scheduler": self.scheduler_factory(optimizer=optimizer, **kwargs),
             **self.scheduler_options,

@@ -172,3 +172,13 @@ def test_param_groups_of_the_optimizer_group_reach_the_optimizer(compose_tmp):
         assert group["weight_decay"] == (0.0 if one_d else 5e-4)
         in_fc = {id(p) for p in group["params"]} <= fc
         assert group["lr"] == pytest.approx(0.1 if in_fc else 0.01)
+
+
+def test_a_fast_dev_run_skips_the_warm_up_it_has_no_room_for(compose_tmp):
+    from cvarch.train import train
+
+    cfg = compose_tmp("scheduler=cosine", "scheduler.warmup_steps=100", "debug=fdr", "logger=none")
+    assert train(cfg)["epochs"] == 1  # one batch of everything; a real run would refuse 100 ≥ 1 steps
+    cfg = compose_tmp("scheduler=cosine", "scheduler.warmup_steps=100", "trainer.max_epochs=1", "logger=none")
+    with pytest.raises(ValueError, match="scheduler.warmup_steps must be < scheduler.total_steps"):
+        train(cfg)
