@@ -263,7 +263,7 @@ class ClassificationModule(pl.LightningModule):
                 kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
             else:
                 kwargs["total_steps"] = int(self.trainer.max_epochs)
-        fast_dev_run = self._trainer is not None and self._trainer.fast_dev_run
+        fast_dev_run = getattr(self._trainer, "fast_dev_run", False)  # False without a Trainer
         if fast_dev_run and _argument(self.scheduler_factory, "warmup_steps"):
             kwargs["warmup_steps"] = 0  # debug=fdr checks the wiring in one batch: no room for a warm-up
         scheduler = {
