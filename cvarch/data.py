@@ -61,6 +61,17 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split.images[i], self.split.targets[i]
 
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch by one fancy index, which the DataLoader uses instead of N ``__getitem__`` calls and a
+        stack (the batch then passes :func:`batched` unchanged)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.split.images[index], self.split.targets[index]
+
+
+def batched(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader's ``collate_fn`` for :meth:`TensorImageDataset.__getitems__`: already a batch."""
+    return batch
+
 
 def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(keep, held_out)`` with ``held_out`` a stratified ``fraction`` of ``targets``."""
@@ -235,6 +246,7 @@ class ImageDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size // world,
             sampler=sampler,
+            collate_fn=batched,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

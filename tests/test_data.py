@@ -429,3 +429,27 @@ def test_a_global_batch_that_does_not_split_evenly_names_the_key():
     dm.trainer = _Trainer(2, 0)
     with pytest.raises(ValueError, match=r"data.batch_size=15 is the global batch.*2 processes"):
         dm.train_dataloader()
+
+
+def test_the_loader_yields_every_training_index_once_an_epoch_as_whole_batches(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    dm = FakeDataModule(train_size=100, image_size=2, num_classes=10, channels=1, batch_size=16)
+    dm.setup()
+    n = len(dm.splits["train"])
+    dm.splits["train"].images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone()
+    orders = []
+    for world in (1, 2):
+        for epoch in (0, 1, 0):
+            seen = []
+            for rank in range(world):
+                dm.trainer = _Trainer(world, rank) if world > 1 else None
+                loader = dm.train_dataloader()
+                loader.sampler.set_epoch(epoch)
+                batches = list(loader)
+                assert all(x.shape[0] <= 16 // world and x.dtype == torch.uint8 for x, _ in batches)
+                seen += [int(i) for x, _ in batches for i in x[:, 0, 0, 0]]
+            assert sorted(seen) == list(range(n)), (world, epoch)  # each index exactly once
+            orders.append(seen)
+    assert (
+        orders[0] == orders[2] and orders[0] != orders[1]
+    )  # same seed and epoch: same order; next epoch: new
