@@ -163,6 +163,12 @@ def swept_keys(sweep_dir: Path) -> list[str]:
     return [o.key_or_group for o in parsed if o.is_sweep_override()]
 
 
+def sweep_group(task_name: str, sweep_dir: str | Path, configured: str | None = None) -> str:
+    """The W&B group of a sweep's jobs: ``<task_name>/<sweep folder>`` (its start time), unless the user
+    configured a group other than the default ``task_name``. ``cvarch-report`` puts its run in the same one."""
+    return configured if configured not in (None, task_name) else f"{task_name}/{Path(sweep_dir).name}"
+
+
 def sweep_identity(cfg: DictConfig) -> dict[str, Any]:
     """W&B ``group``, ``name`` and ``tags`` of a multirun job: grouped by the sweep (``<task_name>/<sweep
     folder>``, its start time), named by its swept overrides (``norm=none,seed=1``) and tagged with them, seed
@@ -177,8 +183,9 @@ def sweep_identity(cfg: DictConfig) -> dict[str, Any]:
         return {}
     keys = set(swept_keys(Path(hydra_cfg.sweep.dir)))
     job = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") in keys]
+    configured = ((cfg.get("logger") or {}).get("wandb") or {}).get("group")
     return {
-        "group": f"{cfg.task_name}/{Path(hydra_cfg.sweep.dir).name}",
+        "group": sweep_group(cfg.task_name, hydra_cfg.sweep.dir, configured),
         "name": ",".join(job) or f"job{hydra_cfg.job.num}",
         "tags": [*cfg.get("tags", []), *(o for o in job if not o.startswith("seed="))],
     }
@@ -213,11 +220,8 @@ def build_trainer(cfg: DictConfig, start: bool = True, **kwargs: Any) -> pl.Trai
     """
     identity = sweep_identity(cfg)
     wandb_node = (cfg.get("logger") or {}).get("wandb")
-    if wandb_node is not None and identity:  # a name or group set by the user is kept
-        if wandb_node.get("name"):
-            identity.pop("name")
-        if wandb_node.get("group") not in (None, cfg.task_name):
-            identity.pop("group")
+    if wandb_node is not None and identity and wandb_node.get("name"):  # a name set by the user is kept
+        identity.pop("name")
     loggers = build_all(cfg.get("logger"), wandb=identity)
     callbacks = build_all(cfg.get("callbacks"))
     if not loggers:  # Lightning refuses a LearningRateMonitor without a logger; logger=none just drops it

@@ -189,9 +189,7 @@ class ClassificationModule(pl.LightningModule):
         self.train_acc(logits, y.argmax(dim=1) if y.is_floating_point() else y)  # soft: the dominant class
         # losses are tensors: sync_dist averages them over DDP processes (metrics objects sync themselves)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log(
-            "train/loss_step", loss.detach(), on_step=True, on_epoch=False, sync_dist=True
-        )  # per-step curve
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 

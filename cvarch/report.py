@@ -235,11 +235,9 @@ def log_wandb(summary: dict[str, Any], out: Path, node: dict[str, Any], task_nam
     jobs' project and mode (offline by default). If W&B cannot start, warns and returns ``None``: the report
     files are written already."""
     import wandb
+    from cvarch.build import sweep_group
 
-    sweep = Path(summary["sweep_dir"]).resolve()
-    group = node.get("group")
-    if group in (None, task_name):  # the jobs' group, as cvarch.build.sweep_identity names it
-        group = f"{task_name}/{sweep.name}"
+    group = sweep_group(task_name, Path(summary["sweep_dir"]).resolve(), node.get("group"))
     factors, metric = summary["factors"], summary["metric"]
     try:
         run = wandb.init(

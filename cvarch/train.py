@@ -113,7 +113,7 @@ def check_launch(cfg: DictConfig) -> None:
             o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra
         ):
             warnings.warn(
-                "started as one of several processes (torchrun/srun) with the time-stamped default "
+                "started by torchrun/srun with the time-stamped default "
                 "hydra.run.dir: processes that start in different seconds get different run directories; "
                 "pass one directory to all, e.g. hydra.run.dir=logs/train/runs/$SLURM_JOB_ID",
                 RuntimeWarning,
@@ -132,9 +132,11 @@ def check_launch(cfg: DictConfig) -> None:
 
 
 def external_launch() -> bool:
-    """Whether this process was started by torchrun or SLURM ``srun`` as one rank of several."""
-    env = os.environ
-    return "TORCHELASTIC_RUN_ID" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+    """Whether torchrun or SLURM ``srun`` started this process: Lightning's own detection, under which its
+    launcher starts no process itself."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

@@ -42,3 +42,16 @@ def test_wandb_that_cannot_start_falls_back_to_csv_and_loses_no_metric(compose_t
         metrics = cvarch.train(compose_tmp("logger=wandb", "trainer.max_epochs=1"))
     csv_file = Path(metrics["output_dir"]) / "csv" / "version_0" / "metrics.csv"
     assert "val/acc" in csv_file.read_text().splitlines()[0]
+
+
+def test_sweep_group_is_task_and_sweep_time_unless_the_user_chose_one():
+    from cvarch.build import sweep_group
+
+    assert (
+        sweep_group("norm_ablation", "logs/x/multiruns/2026-01-02_03-04-05")
+        == "norm_ablation/2026-01-02_03-04-05"
+    )
+    assert (
+        sweep_group("norm_ablation", "logs/x/multiruns/t", "norm_ablation") == "norm_ablation/t"
+    )  # the default
+    assert sweep_group("norm_ablation", "logs/x/multiruns/t", "my-study") == "my-study"
