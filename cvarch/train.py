@@ -129,6 +129,9 @@ def check_launch(cfg: DictConfig) -> None:
             stacklevel=2,
         )
         cfg.trainer.strategy = "ddp_spawn"
+        # the spawned processes re-attach to rank 0's W&B run; media they log (test tables) are written under
+        # WANDB_DIR, which would otherwise be the working directory
+        os.environ["WANDB_DIR"] = str(cfg.paths.output_dir)
 
 
 def external_launch() -> bool:

@@ -301,7 +301,9 @@ def test_ddp_in_a_local_multirun_uses_ddp_spawn_and_keeps_jobs_apart(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("train/*")) == ["multiruns"]  # and no extra run directory
     for job in jobs:
         assert "strategy: ddp_spawn" in (job / "config.yaml").read_text()
-        assert len(list(job.glob("wandb/offline-run-*"))) == 1
+        (run,) = job.glob("wandb/offline-run-*")
+        # the spawned rank 0 logs the test tables into the job's own W&B run folder, not the working directory
+        assert len(list(run.glob("files/media/table/test/*.table.json"))) == 2
 
 
 def test_an_optimized_metric_that_is_never_written_is_refused_before_training(compose_tmp):
