@@ -27,12 +27,15 @@ class AugmentOp(nn.Module):
     """Base of every augmentation op: a random map of a float batch and its targets.
 
     Subclasses set ``stage`` (the order :class:`Augment` runs them in: 0 geometric, 1 colour, 2 erasing,
-    3 label mixing) and implement ``forward(x, y, generator)`` on float (N, C, H, W) images in [0, 1] and
-    int64 (N,) labels or float (N, K) soft targets.
+    3 label mixing) and implement ``forward(x, y, generator)`` on float (N, C, H, W) images in [0, 1] (or
+    also uint8 ones where ``on_uint8``) and int64 (N,) labels or float (N, K) soft targets.
     """
 
     stage: int = 0
     padding: int = 0  # zero padding of the random crop; only Crop sets it, test-time views reuse it
+    # pure index ops (crops, flips) give the same pixels on uint8 as on floats: they run on the uint8 batch,
+    # a quarter of the bytes, and the preprocess group's fused pass does the one conversion to float
+    on_uint8: bool = False
 
     def output_size(self, size: int) -> int:
         """Side of the images this op outputs, given the side of its input images."""
@@ -134,8 +137,9 @@ class Augment(nn.Module):
         if not self.ops:
             return x, y
         generator = self._generator_on(x.device)
-        x = x.float().div(255.0) if x.dtype == torch.uint8 else x
         for op in self.ops.values():
+            if x.dtype == torch.uint8 and not op.on_uint8:
+                x = torch.div(x, 255.0)  # floats in [0, 1] from here on
             x, y = op(x, y, generator)
         return x, y
 
@@ -195,6 +199,7 @@ class Flip(AugmentOp):
     """
 
     stage = 0
+    on_uint8 = True
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
@@ -221,6 +226,7 @@ class Crop(AugmentOp):
     """
 
     stage = 0
+    on_uint8 = True
 
     def __init__(self, padding: int = 4, scale: float = 1.0) -> None:
         super().__init__()

