@@ -1,0 +1,484 @@
+"""``cvarch-bench``: how fast cvarch feeds and trains a model, as ratios against plain PyTorch measured side by side.
+
+Four figures, each measured in one process with the torch thread count pinned, A and B alternating over
+``--repeats`` rounds, and reported as the median ratio (airbench and Composer report speed the same way):
+
+1. ``loader``: images/s of cvarch's CIFAR-10 training batches (the in-memory :class:`cvarch.data.BatchLoader`
+   + ``augment=cifar`` + the fused ``preprocess=standardize``) against torchvision's per-image PIL pipeline
+   (``ImageFolder`` + ``RandomCrop(32, 4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``, 2 workers),
+   both on the same image-folder tree.
+2. ``step``: steady-state training images/s of a ``cvarch-train`` run (``model=resnet20``, batch 128) against a
+   hand-written loop over the same model, data tensors, optimizer and augmentation, without Lightning, Hydra
+   or logging. Warm-up steps are excluded.
+3. ``epoch``: wall time of one full training epoch plus validation, ``cvarch-train`` against the loop.
+4. ``startup``: seconds from launching ``cvarch-train`` to its first training step, and the seconds of that
+   spent importing (``python -X importtime``).
+
+The JSON (``--out``) holds every repeat, the medians, the targets and whether each was met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+# the issue's targets, measured on the 2-core CPU development machine
+TARGETS = {"loader": 20.0, "step": 0.97, "epoch": 0.95, "startup": 8.0}
+
+
+class StepTimer(pl.Callback):
+    """Records wall-clock times (``time.time()``) of a run's training events into a JSON file.
+
+    ``batches``: the start of every training batch; ``epochs``: ``[start, end]`` of every training epoch
+    (its validation and checkpoints included). The file is written at the first batch, so a launcher can read
+    the time to the first step while the run goes on, and again when training ends.
+
+    Args:
+        path: the JSON file.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.times: dict[str, list] = {"batches": [], "epochs": []}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.times["batches"].append(time.time())
+        if len(self.times["batches"]) == 1:
+            self._write()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.times["epochs"].append([time.time()])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times["epochs"][-1].append(time.time())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.times))
+
+
+def rate(times: Sequence[float], warmup: int, batch_size: int) -> float:
+    """Images/s between batch start ``warmup`` and the last batch start (warm-up steps excluded)."""
+    steps = len(times) - 1 - warmup
+    if steps < 1:
+        raise ValueError(f"need more than {warmup + 1} timed batches, got {len(times)}")
+    return steps * batch_size / (times[-1] - times[warmup])
+
+
+def alternate(
+    a: Callable[[], float], b: Callable[[], float], repeats: int
+) -> tuple[list[float], list[float]]:
+    """Runs ``a`` then ``b``, ``repeats`` times, so drifts of the machine hit both alike."""
+    results_a, results_b = [], []
+    for _ in range(repeats):
+        results_a.append(a())
+        results_b.append(b())
+    return results_a, results_b
+
+
+def compare(
+    name: str, cvarch: list[float], reference: list[float], unit: str, higher_is_better: bool = True
+) -> dict[str, Any]:
+    """The record of one A/B figure: every repeat, the per-repeat ratios (cvarch ÷ reference for rates,
+    reference ÷ cvarch for times, so > 1 always favours cvarch) and their median against the target."""
+    ratios = [c / r if higher_is_better else r / c for c, r in zip(cvarch, reference, strict=True)]
+    median = statistics.median(ratios)
+    return {
+        "unit": unit,
+        "cvarch": cvarch,
+        "reference": reference,
+        "ratios": ratios,
+        "median_ratio": median,
+        "target": TARGETS[name],
+        "met": median >= TARGETS[name],
+    }
+
+
+# --- 1. the loader ---------------------------------------------------------------------------------------------
+def torchvision_loader_rate(root: Path, batch_size: int, batches: int, workers: int) -> float:
+    """Images/s of the standard per-image PIL pipeline, first batch (worker start-up) excluded."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        ]
+    )
+    dataset = datasets.ImageFolder(str(root / "train"), transform=transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
+    iterator = iter(loader)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    elapsed = time.perf_counter() - start
+    del iterator
+    return batches * batch_size / elapsed
+
+
+def cvarch_loader_rate(datamodule, augment, preprocess, batches: int) -> float:
+    """Images/s of cvarch's training batches, augmented and normalized (float, ready for the model)."""
+    loader = datamodule.train_dataloader()
+    count, start = 0, time.perf_counter()
+    while count < batches:
+        for x, y in loader:
+            x, y = augment(x, y)
+            x = preprocess(x)
+            count += 1
+            if count == batches:
+                break
+    return batches * datamodule.batch_size / (time.perf_counter() - start)
+
+
+# --- 2 and 3. cvarch-train against a hand-written loop ---------------------------------------------------------
+def run_overrides(root: Path, num_classes: int, out: Path, extra: Sequence[str] = ()) -> list[str]:
+    """The ``cvarch-train`` overrides every benchmark run shares: ResNet-20, batch 128, CIFAR augmentation, the
+    image folder at ``root``, logs in ``out``, and the :class:`StepTimer` callback."""
+    return [
+        "model=resnet20",
+        "data=imagefolder",
+        f"data.root={root}",
+        f"data.num_classes={num_classes}",
+        "data.batch_size=128",
+        "augment=cifar",
+        "preprocess=standardize",
+        "scheduler=none",
+        f"paths.log_dir={out}/logs",
+        f"threads={torch.get_num_threads()}",
+        "+callbacks.bench_timer._target_=cvarch.bench.StepTimer",
+        f"+callbacks.bench_timer.path={out}/times.json",
+        *extra,
+    ]
+
+
+def cvarch_run(overrides: Sequence[str], out: Path) -> dict[str, list]:
+    """Runs ``cvarch.train`` in this process and returns the :class:`StepTimer` times."""
+    import cvarch
+
+    times = out / "times.json"
+    times.unlink(missing_ok=True)
+    cvarch.train(cvarch.compose(*overrides))
+    return json.loads(times.read_text())
+
+
+class RawLoop:
+    """The hand-written baseline: the same model, data tensors, SGD, augmentation and preprocess as a
+    ``cvarch-train`` run, in a plain PyTorch loop (no Lightning, no Hydra, no logging).
+
+    Args:
+        overrides: the run's overrides, composed once to build the same objects.
+    """
+
+    def __init__(self, overrides: Sequence[str]) -> None:
+        import cvarch
+        from cvarch.build import build_augment, build_datamodule
+        from cvarch.build import instantiate as build
+
+        cfg = cvarch.compose(*overrides)
+        self.cfg = cfg
+        self.datamodule = build_datamodule(cfg)
+        self.datamodule.setup("fit")
+        self.preprocess = build(cfg.preprocess)
+        self.preprocess.fit(self.datamodule.train_images)
+        self.augment = build_augment(cfg)
+        self.augment.fit(self.datamodule.train_images)
+        self.shape = self.augment.output_shape(self.datamodule.image_shape)
+        self.batch_size = cfg.data.batch_size
+
+    def fresh(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """A newly initialized model and its optimizer (the config's SGD: lr, momentum, weight decay)."""
+        from cvarch.build import build_model
+
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(self.cfg, image_shape=self.shape)
+        opt = self.cfg.optimizer
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=opt.lr,
+            momentum=opt.get("momentum", 0.0),
+            weight_decay=opt.get("weight_decay", 0.0),
+            nesterov=opt.get("nesterov", False),
+        )
+        return model, optimizer
+
+    def train_epoch(self, model, optimizer, steps: int | None = None, epoch: int = 0) -> list[float]:
+        """One epoch (or its first ``steps`` batches) of SGD; returns each batch's start time."""
+        images, targets = self.datamodule.splits["train"].images, self.datamodule.splits["train"].targets
+        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(epoch))
+        model.train()
+        times = []
+        for index in order.split(self.batch_size)[:steps]:
+            times.append(time.time())
+            x, y = self.augment(images[index], targets[index])
+            loss = F.cross_entropy(model(self.preprocess(x)), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return times
+
+    @torch.no_grad()
+    def validate(self, model) -> float:
+        """Accuracy on the validation split."""
+        model.eval()
+        split = self.datamodule.splits["val"]
+        correct = 0
+        for x, y in zip(
+            split.images.split(self.batch_size), split.targets.split(self.batch_size), strict=True
+        ):
+            correct += int((model(self.preprocess(x)).argmax(1) == y).sum())
+        return correct / len(split)
+
+    def epoch_seconds(self, out: Path) -> float:
+        """Wall time of one training epoch, the validation pass and a checkpoint (model + optimizer)."""
+        model, optimizer = self.fresh()
+        start = time.time()
+        self.train_epoch(model, optimizer)
+        self.validate(model)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, out / "raw.ckpt")
+        return time.time() - start
+
+
+# --- 4. start-up -------------------------------------------------------------------------------------------------
+def startup_seconds(overrides: Sequence[str], out: Path) -> float:
+    """Seconds from launching ``cvarch-train`` (a fresh process) to the start of its first training batch."""
+    times = out / "times.json"
+    times.unlink(missing_ok=True)
+    start = time.time()
+    subprocess.run(
+        [sys.executable, "-m", "cvarch.train", *overrides], check=True, capture_output=True, env=_child_env()
+    )
+    return json.loads(times.read_text())["batches"][0] - start
+
+
+def import_seconds(overrides: Sequence[str]) -> tuple[float, list[tuple[str, float]]]:
+    """Seconds a ``cvarch-train`` start spends importing (``-X importtime``, top-level imports summed), and the
+    five slowest top-level imports."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "cvarch.train", *overrides],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=_child_env(),
+    )
+    top = []
+    for line in result.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, cumulative, name = line[len("import time:") :].split("|")
+        if not name.startswith("  "):  # one space after the bar: a top-level import
+            top.append((name.strip(), int(cumulative) / 1e6))
+    return sum(s for _, s in top), sorted(top, key=lambda t: -t[1])[:5]
+
+
+def _child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HYDRA_FULL_ERROR": "1"}
+
+
+# --- the harness -------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pytorch_lightning": pl.__version__,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measures the figures named in ``args.only`` and returns the JSON record."""
+    torch.set_num_threads(args.threads)
+    root = Path(args.root).expanduser()
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(
+            f"--root: {root} has no train/ folder (an image-folder tree, e.g. CIFAR-10's)"
+        )
+    num_classes = sum(1 for d in (root / "train").iterdir() if d.is_dir())
+    quick = args.quick
+    out = Path(args.workdir or tempfile.mkdtemp(prefix="cvarch-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [f"paths.cache_dir={args.cache_dir}"] if args.cache_dir else []
+    if quick:  # a few steps each: checks the harness, not the speed
+        extra.append("data.batch_size=8")
+    base = run_overrides(root, num_classes, out, extra)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "root": str(root),
+        "quick": quick,
+        "repeats": args.repeats,
+    }
+    raw = RawLoop(base)
+    batch = raw.batch_size
+    warmup, steps = (1, 3) if quick else (args.warmup, args.steps)
+    only = set(args.only)
+
+    if "loader" in only:
+        batches = 4 if quick else args.loader_batches
+        results["loader"] = compare(
+            "loader",
+            *alternate(
+                lambda: cvarch_loader_rate(raw.datamodule, raw.augment, raw.preprocess, batches * 5),
+                lambda: torchvision_loader_rate(root, batch, batches, args.workers),
+                args.repeats,
+            ),
+            unit="images/s",
+        )
+        results["loader"]["workers"] = args.workers
+
+    if "step" in only:
+        limits = [
+            f"+trainer.max_steps={warmup + steps}",
+            "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1",
+        ]
+
+        def cvarch_step() -> float:
+            return rate(cvarch_run([*base, *limits], out)["batches"], warmup, batch)
+
+        def raw_step() -> float:
+            model, optimizer = raw.fresh()
+            return rate(raw.train_epoch(model, optimizer, steps=warmup + steps + 1), warmup, batch)
+
+        results["step"] = compare("step", *alternate(cvarch_step, raw_step, args.repeats), unit="images/s")
+        results["step"].update(warmup_steps=warmup, timed_steps=steps, batch_size=batch, model="resnet20")
+
+    if "epoch" in only:
+        epoch = ["trainer.max_epochs=1", "+trainer.limit_test_batches=1"]
+
+        def cvarch_epoch() -> float:
+            start, end = cvarch_run([*base, *epoch], out)["epochs"][0]
+            return end - start
+
+        results["epoch"] = compare(
+            "epoch",
+            *alternate(cvarch_epoch, lambda: raw.epoch_seconds(out), args.epoch_repeats),
+            unit="s",
+            higher_is_better=False,
+        )
+        results["epoch"]["train_images"] = len(raw.datamodule.splits["train"])
+        results["epoch"]["val_images"] = len(raw.datamodule.splits["val"])
+
+    if "startup" in only:
+        first = [
+            *base,
+            "+trainer.max_steps=1",
+            "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1",
+        ]
+        seconds = [startup_seconds(first, out) for _ in range(args.repeats)]
+        imports, slowest = import_seconds(first)
+        median = statistics.median(seconds)
+        results["startup"] = {
+            "unit": "s",
+            "seconds": seconds,
+            "median": median,
+            "imports_s": imports,
+            "slowest_imports": slowest,
+            "target": TARGETS["startup"],
+            "met": median < TARGETS["startup"],
+        }
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """The figures as a Markdown table (what the README's Performance section shows)."""
+    rows = ["| figure | cvarch | reference | median ratio | target | met |", "|---|---|---|---|---|---|"]
+    for name in ("loader", "step", "epoch"):
+        if name in results:
+            r = results[name]
+            rows.append(
+                f"| {name} ({r['unit']}) | {statistics.median(r['cvarch']):,.1f} | "
+                f"{statistics.median(r['reference']):,.1f} | {r['median_ratio']:.3f} | ≥ {r['target']} | "
+                f"{'yes' if r['met'] else 'no'} |"
+            )
+    if "startup" in results:
+        r = results["startup"]
+        rows.append(
+            f"| start-up to first step (s) | {r['median']:.2f} (imports {r['imports_s']:.2f}) | – | – | "
+            f"< {r['target']} | {'yes' if r['met'] else 'no'} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    data_dir = os.environ.get("CVARCH_DATA_DIR", "data")
+    parser = argparse.ArgumentParser(prog="cvarch-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", default=f"{data_dir}/cifar10", help="image-folder tree (default: CIFAR-10)")
+    parser.add_argument("--out", default="bench.json", help="JSON file of the results")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=["loader", "step", "epoch", "startup"],
+        choices=["loader", "step", "epoch", "startup"],
+        help="figures to measure",
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (pinned)")
+    parser.add_argument("--repeats", type=int, default=5, help="A/B rounds of loader, step and start-up")
+    parser.add_argument("--epoch-repeats", type=int, default=3, help="A/B rounds of the full epoch")
+    parser.add_argument("--warmup", type=int, default=5, help="training steps excluded from the step figure")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps of the step figure")
+    parser.add_argument(
+        "--loader-batches", type=int, default=20, help="batches timed of torchvision's loader"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of torchvision's pipeline")
+    parser.add_argument("--cache-dir", default=None, help="decoded-tensor cache (default: cvarch's)")
+    parser.add_argument("--workdir", default=None, help="folder for the runs' logs (default: a temp folder)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps each: checks the harness, not speed"
+    )
+    return parser.parse_args(argv)
+
+
+def bench(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``cvarch-bench [--quick] [--only loader step epoch startup] [--out bench.json]``: measures, prints the
+    table, writes the JSON and returns it."""
+    args = parse_args(argv)
+    if args.quick:
+        args.repeats = args.epoch_repeats = 1
+    results = run(args)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(
+        f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
+        f"{results['machine']['threads']} threads; JSON: {args.out}"
+    )
+    return results
+
+
+def main() -> None:
+    """The ``cvarch-bench`` console script."""
+    bench()
+
+
+if __name__ == "__main__":
+    main()
