@@ -453,3 +453,69 @@ def test_every_option_runs_on_cuda_seeded_and_on_device(option, compose_tmp):
         fresh.set_rng_state(state)
         got = fresh(images, labels)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
+
+
+def _per_image_reference(op, x: torch.Tensor, draws: list[list]) -> torch.Tensor:
+    """What ``op`` does to each CPU image with these draws, one image at a time through torchvision's
+    functional transforms (the per-image PIL-era pipeline, on tensors)."""
+    out = []
+    for i, image in enumerate(x):
+        d = [v[i] for v in draws]
+        if isinstance(op, Crop):
+            size = op.output_size(image.shape[-1])
+            out.append(TF.crop(TF.pad(image, [op.padding]), d[0], d[1], size, size))
+        elif isinstance(op, Flip):
+            out.append(TF.horizontal_flip(image) if d[0] else image)
+        elif isinstance(op, Cutout):
+            top, left = d[0] - op.size // 2, d[1] - op.size // 2  # the square clipped at the border
+            bottom, right = min(top + op.size, image.shape[-2]), min(left + op.size, image.shape[-1])
+            top, left = max(top, 0), max(left, 0)
+            out.append(TF.erase(image, top, left, bottom - top, right - left, op.fill) if d[2] else image)
+        else:
+            top, left, height, width = (int(v) for v in d)
+            out.append(TF.resized_crop(image, top, left, height, width, list(image.shape[-2:]), antialias=False))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "op", [Crop(padding=4), Crop(padding=0, scale=0.75), Flip(), Cutout(size=8)], ids=lambda o: repr(o)
+)
+def test_ops_on_the_device_equal_the_per_image_cpu_reference_for_the_same_draws(op, device):
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = x if op.on_uint8 else x.float() / 255  # uint8 where the op runs on uint8 (crops, flips): exact pixels
+    draws = op.draw(x.to(device), torch.Generator(device).manual_seed(0))
+    out, _ = op.apply(x.to(device), None, *draws)
+    assert out.device.type == device
+    reference = _per_image_reference(op, x, [d.cpu().tolist() for d in draws])
+    assert out.dtype == reference.dtype and torch.equal(out.cpu(), reference)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_resized_crop_on_the_device_equals_torchvision_resized_crop_of_the_same_windows(device):
+    x = _smooth_images(32, seed=3)
+    op = RandomResizedCrop()
+    draws = op.draw(x.to(device), torch.Generator(device).manual_seed(0))
+    out, _ = op.apply(x.to(device), None, *draws)
+    reference = _per_image_reference(op, x, [d.cpu().tolist() for d in draws])
+    # torchvision clamps at the window's edge, the op samples the image beyond it: compare the interior
+    assert (out.cpu()[..., 3:-3, 3:-3] - reference[..., 3:-3, 3:-3]).abs().max() < 1e-4
+
+
+def test_the_cifar_pipeline_stays_uint8_and_equals_the_float_pipeline_exactly(compose_tmp):
+    """Crops and flips on uint8 give exactly the pixels they give on [0, 1] floats, so the fused preprocess
+    pass sees the same images as before the uint8 path."""
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+    on_uint8, _ = _augment(compose_tmp, "augment=cifar")(images, labels)
+    on_float, _ = _augment(compose_tmp, "augment=cifar")(images.float() / 255, labels)
+    assert on_uint8.dtype == torch.uint8 and torch.equal(on_uint8.float() / 255, on_float)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from cvarch import data
 from cvarch.data import (
+    BatchLoader,
     DigitsDataModule,
     FakeDataModule,
     ImageFolderDataModule,
@@ -453,3 +456,96 @@ def test_the_loader_yields_every_training_index_once_an_epoch_as_whole_batches(m
     assert (
         orders[0] == orders[2] and orders[0] != orders[1]
     )  # same seed and epoch: same order; next epoch: new
+
+
+def test_in_memory_splits_are_batched_by_index_without_a_dataloader():
+    dm = FakeDataModule(train_size=50, val_size=20, image_size=4, num_classes=10, channels=3, batch_size=16)
+    loader = dm.val_dataloader()
+    assert isinstance(loader, BatchLoader) and len(loader) == 2  # ceil(20 / 16)
+    images = torch.cat([x for x, _ in loader])
+    assert torch.equal(images, dm.splits["val"].images)  # evaluation keeps the split's order
+
+
+def test_on_device_and_stream_name_their_keys():
+    with pytest.raises(ValueError, match="data.on_device must be true, false or auto"):
+        FakeDataModule(image_size=4, num_classes=10, channels=3, on_device="gpu")
+    with pytest.raises(ValueError, match="data.stream must be true, false or auto"):
+        ImageFolderDataModule(root="unused", num_classes=3, channels=3, stream="yes")
+
+
+def _stream_and_memory(root, **kwargs):
+    common = dict(root=str(root), num_classes=3, channels=3, batch_size=8, num_workers=0, **kwargs)
+    return ImageFolderDataModule(stream=True, **common), ImageFolderDataModule(stream=False, **common)
+
+
+def test_a_streamed_folder_gives_the_splits_and_batches_of_the_in_memory_one(image_tree, monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    streamed, in_memory = _stream_and_memory(image_tree)
+    assert streamed.streamed and not in_memory.streamed
+    assert streamed.image_shape == in_memory.image_shape == (3, 12, 12)
+    for split in ("train", "val", "test"):  # the same carve, file by file
+        assert torch.equal(streamed.splits[split].targets, in_memory.splits[split].targets)
+    for shuffle in (True, False):
+        a = list(streamed.dataloader("train", shuffle=shuffle))
+        b = list(in_memory.dataloader("train", shuffle=shuffle))
+        assert len(a) == len(b) and all(
+            torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b, strict=True)
+        )
+    # too few images for a sample: the statistics are fitted on all of them
+    assert torch.equal(streamed.train_images, in_memory.train_images)
+
+
+def test_a_streamed_folder_fits_statistics_on_a_seeded_sample(image_tree, monkeypatch):
+    monkeypatch.setattr(data, "STREAM_FIT_IMAGES", 5)
+    streamed, in_memory = _stream_and_memory(image_tree)
+    sample = streamed.train_images
+    assert sample.shape == (5, 3, 12, 12) and torch.equal(sample, streamed.train_images)  # drawn once
+    rows = {tuple(image.flatten().tolist()) for image in in_memory.train_images}
+    assert all(tuple(image.flatten().tolist()) in rows for image in sample)  # training images only
+
+
+def test_stream_auto_streams_a_tree_bigger_than_half_the_free_memory(image_tree, monkeypatch):
+    decoded = 3 * 12 * 12 * 30  # 30 images of 3×12×12 bytes
+    monkeypatch.setattr(data, "available_memory", lambda device: 2 * decoded - 2)
+    assert ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3).streamed
+    monkeypatch.setattr(data, "available_memory", lambda device: 2 * decoded)
+    assert not ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3).streamed
+
+
+def test_a_streamed_image_of_another_size_is_an_error_naming_the_file(image_tree):
+    odd = image_tree / "train" / "dog" / "004.png"
+    make_image_tree(image_tree / "odd", classes=("dog",), per_class=1, size=10)
+    (image_tree / "odd" / "train" / "dog" / "000.png").replace(odd)
+    streamed, _ = _stream_and_memory(image_tree, val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(ValueError, match=r"004.png is \(10, 10\).*data.image_size"):
+        for split in ("train", "val", "test"):  # wherever the carve put it
+            list(streamed.dataloader(split))
+
+
+@pytest.mark.slow
+def test_training_on_a_streamed_folder_with_worker_processes(image_tree, compose_tmp):
+    import cvarch
+
+    cfg = compose_tmp(
+        "data=imagefolder", f"data.root={image_tree}", "data.num_classes=3", "data.stream=true",
+        "data.num_workers=2", "data.batch_size=8", "augment=cifar", "model=resnet20", "trainer.max_epochs=1",
+        "logger=csv",
+    )  # fmt: skip
+    metrics = cvarch.train(cfg)
+    assert metrics["epochs"] == 1 and metrics["test/acc"] is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("on_device", [True, False])
+def test_batches_come_from_the_gpu_or_from_pinned_host_memory(on_device):
+    dm = FakeDataModule(train_size=64, image_size=8, num_classes=10, channels=3, on_device=on_device)
+    dm.trainer = SimpleNamespace(
+        world_size=1, global_rank=0, strategy=SimpleNamespace(root_device=torch.device("cuda", 0))
+    )
+    x, y = next(iter(dm.train_dataloader()))
+    if on_device:
+        assert x.is_cuda and y.is_cuda
+    else:
+        assert not x.is_cuda and x.is_pinned() and y.is_pinned()
+    assert x.dtype == torch.uint8  # uint8 all the way: the fused preprocess converts on the device
