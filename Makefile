@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install train test test-fast lint format clean
+.PHONY: install train test test-fast bench lint format clean
 
 install: $(STAMP)  ## venv + editable install with the dev extra (redone only when pyproject.toml changes)
 
@@ -23,6 +23,9 @@ test: install  ## the whole test suite (slow tests included)
 
 test-fast: install  ## the suite without the slow marker
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+bench: install  ## cvarch-bench: loader, step overhead, epoch and start-up ratios on $$CVARCH_DATA_DIR/cifar10 (about 15 min on 2 cores); writes bench.json
+	$(BIN)/cvarch-bench $(ARGS)
 
 lint: install
 	$(BIN)/ruff check cvarch tests scripts

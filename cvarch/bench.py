@@ -56,6 +56,7 @@ class StepTimer(pl.Callback):
         self.times: dict[str, list] = {"batches": [], "epochs": []}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        synchronize(pl_module.device)
         self.times["batches"].append(time.time())
         if len(self.times["batches"]) == 1:
             self._write()
@@ -64,6 +65,7 @@ class StepTimer(pl.Callback):
         self.times["epochs"].append([time.time()])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        synchronize(pl_module.device)
         self.times["epochs"][-1].append(time.time())
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -72,6 +74,13 @@ class StepTimer(pl.Callback):
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.times))
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so a timestamp means the work before it is done (CUDA is
+    asynchronous; the CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def rate(times: Sequence[float], warmup: int, batch_size: int) -> float:
@@ -112,8 +121,11 @@ def compare(
 
 
 # --- 1. the loader ---------------------------------------------------------------------------------------------
-def torchvision_loader_rate(root: Path, batch_size: int, batches: int, workers: int) -> float:
-    """Images/s of the standard per-image PIL pipeline, first batch (worker start-up) excluded."""
+def torchvision_loader_rate(
+    root: Path, batch_size: int, batches: int, workers: int, device: torch.device
+) -> float:
+    """Images/s of the standard per-image PIL pipeline, first batch (worker start-up) excluded; batches are
+    copied to ``device`` (pinned, asynchronously) as a training loop would."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -126,29 +138,36 @@ def torchvision_loader_rate(root: Path, batch_size: int, batches: int, workers: 
         ]
     )
     dataset = datasets.ImageFolder(str(root / "train"), transform=transform)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
+    gpu = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=gpu)
     iterator = iter(loader)
     next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
-        next(iterator)
+        x, _ = next(iterator)
+        x.to(device, non_blocking=gpu)
+    synchronize(device)
     elapsed = time.perf_counter() - start
     del iterator
     return batches * batch_size / elapsed
 
 
-def cvarch_loader_rate(datamodule, augment, preprocess, batches: int) -> float:
-    """Images/s of cvarch's training batches, augmented and normalized (float, ready for the model)."""
-    loader = datamodule.train_dataloader()
+def cvarch_loader_rate(raw: RawLoop, batches: int) -> float:
+    """Images/s of cvarch's training batches on the device, augmented and normalized (ready for the model)."""
+    from cvarch.data import BatchLoader, Split
+
+    images, targets = raw.splits["train"]
+    loader = BatchLoader(Split(images, targets), raw.batch_size, raw.datamodule.train_dataloader().sampler)
     count, start = 0, time.perf_counter()
     while count < batches:
         for x, y in loader:
-            x, y = augment(x, y)
-            x = preprocess(x)
+            x, y = raw.augment(x, y)
+            x = raw.preprocess(x)
             count += 1
             if count == batches:
                 break
-    return batches * datamodule.batch_size / (time.perf_counter() - start)
+    synchronize(raw.device)
+    return batches * raw.batch_size / (time.perf_counter() - start)
 
 
 # --- 2 and 3. cvarch-train against a hand-written loop ---------------------------------------------------------
@@ -188,9 +207,10 @@ class RawLoop:
 
     Args:
         overrides: the run's overrides, composed once to build the same objects.
+        device: where the data, model and augmentation live (the cvarch run's accelerator).
     """
 
-    def __init__(self, overrides: Sequence[str]) -> None:
+    def __init__(self, overrides: Sequence[str], device: torch.device) -> None:
         import cvarch
         from cvarch.build import build_augment, build_datamodule
         from cvarch.build import instantiate as build
@@ -199,19 +219,26 @@ class RawLoop:
         self.cfg = cfg
         self.datamodule = build_datamodule(cfg)
         self.datamodule.setup("fit")
+        self.device = device
         self.preprocess = build(cfg.preprocess)
         self.preprocess.fit(self.datamodule.train_images)
         self.augment = build_augment(cfg)
         self.augment.fit(self.datamodule.train_images)
+        self.preprocess.to(device)
+        self.augment.to(device)
         self.shape = self.augment.output_shape(self.datamodule.image_shape)
         self.batch_size = cfg.data.batch_size
+        self.splits = {  # uint8 on the device, as cvarch holds them
+            name: (split.images.to(device), split.targets.to(device))
+            for name, split in self.datamodule.splits.items()
+        }
 
     def fresh(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """A newly initialized model and its optimizer (the config's SGD: lr, momentum, weight decay)."""
         from cvarch.build import build_model
 
         torch.manual_seed(self.cfg.seed)
-        model = build_model(self.cfg, image_shape=self.shape)
+        model = build_model(self.cfg, image_shape=self.shape).to(self.device)
         opt = self.cfg.optimizer
         optimizer = torch.optim.SGD(
             model.parameters(),
@@ -224,11 +251,12 @@ class RawLoop:
 
     def train_epoch(self, model, optimizer, steps: int | None = None, epoch: int = 0) -> list[float]:
         """One epoch (or its first ``steps`` batches) of SGD; returns each batch's start time."""
-        images, targets = self.datamodule.splits["train"].images, self.datamodule.splits["train"].targets
-        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(epoch))
+        images, targets = self.splits["train"]
+        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(epoch)).to(self.device)
         model.train()
         times = []
         for index in order.split(self.batch_size)[:steps]:
+            synchronize(self.device)
             times.append(time.time())
             x, y = self.augment(images[index], targets[index])
             loss = F.cross_entropy(model(self.preprocess(x)), y)
@@ -241,20 +269,18 @@ class RawLoop:
     def validate(self, model) -> float:
         """Accuracy on the validation split."""
         model.eval()
-        split = self.datamodule.splits["val"]
-        correct = 0
-        for x, y in zip(
-            split.images.split(self.batch_size), split.targets.split(self.batch_size), strict=True
-        ):
-            correct += int((model(self.preprocess(x)).argmax(1) == y).sum())
-        return correct / len(split)
+        images, targets = self.splits["val"]
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for x, y in zip(images.split(self.batch_size), targets.split(self.batch_size), strict=True):
+            correct += (model(self.preprocess(x)).argmax(1) == y).sum()
+        return int(correct) / len(targets)
 
     def epoch_seconds(self, out: Path) -> float:
         """Wall time of one training epoch, the validation pass and a checkpoint (model + optimizer)."""
         model, optimizer = self.fresh()
         start = time.time()
         self.train_epoch(model, optimizer)
-        self.validate(model)
+        self.validate(model)  # int(correct): waits for the device
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, out / "raw.ckpt")
         return time.time() - start
 
@@ -327,17 +353,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     out = Path(args.workdir or tempfile.mkdtemp(prefix="cvarch-bench-"))
     out.mkdir(parents=True, exist_ok=True)
-    extra = [f"paths.cache_dir={args.cache_dir}"] if args.cache_dir else []
+    device = torch.device(args.device)
+    extra = [f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"]
+    extra += [f"paths.cache_dir={args.cache_dir}"] if args.cache_dir else []
     if quick:  # a few steps each: checks the harness, not the speed
         extra.append("data.batch_size=8")
-    base = run_overrides(root, num_classes, out, extra)
+    raw = RawLoop(run_overrides(root, num_classes, out, extra), device)
+    base = run_overrides(root, num_classes, out, [*extra, *args.override])  # cvarch's runs only
     results: dict[str, Any] = {
         "machine": machine(),
+        "device": str(device),
         "root": str(root),
         "quick": quick,
         "repeats": args.repeats,
+        "overrides": args.override,
     }
-    raw = RawLoop(base)
     batch = raw.batch_size
     warmup, steps = (1, 3) if quick else (args.warmup, args.steps)
     only = set(args.only)
@@ -347,8 +377,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["loader"] = compare(
             "loader",
             *alternate(
-                lambda: cvarch_loader_rate(raw.datamodule, raw.augment, raw.preprocess, batches * 5),
-                lambda: torchvision_loader_rate(root, batch, batches, args.workers),
+                lambda: cvarch_loader_rate(raw, batches * 5),
+                lambda: torchvision_loader_rate(root, batch, batches, args.workers, device),
                 args.repeats,
             ),
             unit="images/s",
@@ -453,6 +483,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of torchvision's pipeline")
     parser.add_argument("--cache-dir", default=None, help="decoded-tensor cache (default: cvarch's)")
     parser.add_argument("--workdir", default=None, help="folder for the runs' logs (default: a temp folder)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu | cuda (default: cuda if any)",
+    )
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="extra cvarch-train overrides of the cvarch runs only, e.g. "
+        "trainer.precision=bf16-mixed model.channels_last=true model.compile=true (the raw loop stays fp32 eager)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="a few steps each: checks the harness, not speed"
     )
