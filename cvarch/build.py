@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from cvarch.augment import Augment
-from cvarch.config import optimizer_parts, scheduler_parts
+from cvarch.config import model_parts, optimizer_parts, scheduler_parts
 from cvarch.data import ImageDataModule
 from cvarch.models import check_input_size
 from cvarch.module import ClassificationModule
@@ -59,8 +60,8 @@ def build_model(
     batch: torch.Tensor | None = None,
     transfer: Transfer | None = None,
 ) -> nn.Module:
-    """Builds ``cfg.model`` with the ``norm`` group in its norm slots, checks its input size, then applies the
-    ``init`` and ``transfer`` groups.
+    """Builds ``cfg.model`` with the ``norm`` group in its norm slots, checks its input size, applies the
+    ``init`` and ``transfer`` groups, then the model group's fast-path options (:func:`fast_path`).
 
     Args:
         cfg: a composed run config.
@@ -70,7 +71,7 @@ def build_model(
         batch: a preprocessed training batch, for data-driven init schemes (LSUV, Mishkin & Matas 2016).
         transfer: the run's transfer strategy, if already built (its source is loaded once).
     """
-    model = instantiate(cfg.model)
+    model = instantiate_model(cfg.model)
     if image_shape is None and cfg.data.get("image_size"):
         image_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     if image_shape is not None:
@@ -79,7 +80,36 @@ def build_model(
         init = instantiate(cfg.init)
         model = init(model, batch=batch) if batch is not None else init(model)
     transfer = transfer if transfer is not None else build_transfer(cfg)
-    return transfer(model, cfg.model, image_shape=image_shape, load=initialize)
+    model = transfer(model, cfg.model, image_shape=image_shape, load=initialize)
+    return fast_path(model, **model_parts(cfg.model)[1])
+
+
+def instantiate_model(node: DictConfig | Mapping[str, Any]) -> nn.Module:
+    """The network of a ``model`` node alone: its constructor gets every key but the fast-path options."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return instantiate(model_parts(plain)[0])
+
+
+def fast_path(model: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:
+    """Applies the ``model.channels_last`` and ``model.compile`` options in place; neither changes the state
+    dict's keys, so checkpoints load into the model built with or without them.
+
+    Inputs are not converted: a convolution whose weight is NHWC returns NHWC whatever its input's layout
+    (PyTorch's oneDNN and cuDNN convolutions both pick channels-last if the input or the weight is), so the
+    first conv converts the batch once and every later layer stays NHWC.
+
+    Args:
+        model: the built model.
+        channels_last: NHWC memory format for the 4-D weights (PyTorch's channels-last tutorial; tensor-core
+            convolutions on GPUs).
+        compile: ``nn.Module.compile`` (TorchDynamo + Inductor, Ansel et al. 2024): unlike ``torch.compile``
+            it wraps no ``OptimizedModule`` around the model, so the state-dict keys stay the same.
+    """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    return model
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:

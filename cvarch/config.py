@@ -67,6 +67,18 @@ def optimizer_parts(optimizer: Mapping[str, Any] | None) -> tuple[dict | None, d
     return split_off(optimizer, "groups")
 
 
+MODEL_OPTIONS = ("channels_last", "compile")  # how the model runs, not what it is: no constructor takes them
+
+
+def model_parts(model: Mapping[str, Any]) -> tuple[dict, dict[str, bool]]:
+    """The model constructor's config and the model group's fast-path options (``channels_last``,
+    ``compile``: see :func:`cvarch.build.build_model`). Configs saved by cvarch versions before the options
+    lack them: ``False``."""
+    node = dict(model)
+    options = {key: node.pop(key, False) for key in MODEL_OPTIONS}
+    return node, options
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks every ``_target_`` node's keys and value types against the target's signature, before any work.
 
@@ -91,6 +103,11 @@ def validate(cfg: DictConfig) -> None:
         unknown = sorted(set(groups) - {"decay_norm_bias", "lr_mult"})
         if unknown:
             errors.append(f"optimizer.groups: unknown keys {unknown}; expected decay_norm_bias, lr_mult")
+    if "model" in plain:
+        plain["model"], options = model_parts(plain["model"])
+        errors += [
+            f"model.{k}: expected a boolean, got {v!r}" for k, v in options.items() if not isinstance(v, bool)
+        ]
     _check(plain, "", errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))

@@ -37,6 +37,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.func import functional_call
 
+from cvarch.config import model_parts
+
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("scratch", "linear_probe", "stage_probes", "finetune_top", "finetune_all")
@@ -151,6 +153,7 @@ class Transfer:
             if source.run_config is not None and self.use_source_model:
                 model = OmegaConf.to_container(source.run_config.model, resolve=True)
                 model["num_classes"] = int(cfg.data.num_classes)
+                model.update(model_parts(cfg.model)[1])  # channels_last, compile: the run's own choice
                 channels = model.get("in_channels", cfg.data.channels)
                 if channels != cfg.data.channels:
                     raise ValueError(
@@ -243,7 +246,7 @@ class Transfer:
 
 def _state_shapes(model_cfg: DictConfig | Mapping[str, Any], num_classes: int) -> dict[str, torch.Size]:
     """Shapes of the state of ``model_cfg`` built on the meta device (no memory) with ``num_classes``."""
-    node = dict(
+    node, _ = model_parts(
         OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
     )
     node["num_classes"] = num_classes

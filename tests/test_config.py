@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import cvarch
-from cvarch.build import build_all, build_datamodule, build_model, build_module
+from cvarch.build import build_all, build_datamodule, build_model, build_module, instantiate_model
 from cvarch.config import CONFIG_DIR, ConfigError, compose, validate
 from tests.conftest import make_image_tree, run_cli, tmp_overrides
 
@@ -58,7 +58,7 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
     elif group == "transfer":  # a state-dict file of the same model stands in for a pretrained source
         shape = (cfg.data.channels, 16, 16)
         if option != "scratch":
-            torch.save(instantiate(cfg.model).state_dict(), tmp_path / "source.pt")
+            torch.save(instantiate_model(cfg.model).state_dict(), tmp_path / "source.pt")
             cfg.transfer.source = str(tmp_path / "source.pt")
         out = build_model(cfg, image_shape=shape)(torch.zeros(2, *shape))
         logits = out[list(out)[-1]] if isinstance(out, dict) else out

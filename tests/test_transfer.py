@@ -98,7 +98,8 @@ def test_finetune_top_k1_changes_only_the_last_stage_and_the_head(tmp_path, sour
     # fc is new; conv1, bn1, layer1, layer2 untouched, their BN statistics too
     assert changed == {"layer3", "fc"}
     layer3 = [
-        k for k, _ in cvarch.build.instantiate(cvarch.compose("model=resnet20").model).named_parameters()
+        k
+        for k, _ in cvarch.build.instantiate_model(cvarch.compose("model=resnet20").model).named_parameters()
     ]
     trainable = sum(1 for k in layer3 if k.startswith(("layer3.", "fc.")))
     assert _optimizer_param_count(ckpt) == (trainable, trainable)
@@ -133,7 +134,7 @@ def test_stage_probes_log_one_accuracy_per_stage_and_keep_the_backbone(tmp_path,
 
 def _state_dict_source(tmp_path: Path, model_name: str, *overrides: str) -> tuple[Path, dict]:
     """A state-dict file of a freshly built cvarch model."""
-    model = cvarch.build.instantiate(cvarch.compose(f"model={model_name}", *overrides).model)
+    model = cvarch.build.instantiate_model(cvarch.compose(f"model={model_name}", *overrides).model)
     path = tmp_path / f"{model_name}.pt"
     torch.save(model.state_dict(), path)
     return path, model.state_dict()
@@ -275,6 +276,19 @@ def test_a_cvarch_source_of_another_model_is_refused_when_the_model_group_is_kep
         build_model(cfg, image_shape=(3, 16, 16), transfer=transfer)
 
 
+def test_an_adopted_source_model_keeps_this_runs_fast_path_options(source, compose_tmp):
+    cfg = compose_tmp(
+        *FAKE,
+        "model=resnet32",
+        "model.channels_last=true",
+        "transfer=linear_probe",
+        f"transfer.source={source['path']}",
+    )
+    build_transfer(cfg).adopt(cfg)
+    assert list(cfg.model.layers) == [3, 3, 3]  # the source's ResNet-20 …
+    assert cfg.model.channels_last is True and cfg.model.compile is False  # … run as this run asks
+
+
 class _Exploit:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -324,7 +338,7 @@ MODELS = sorted(p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml") if p.st
 def test_the_head_is_what_depends_on_the_class_count(name):
     cfg = cvarch.compose(f"model={name}", "data.num_classes=7")
     head = head_keys(cfg.model)
-    model = cvarch.build.instantiate(cfg.model)
+    model = cvarch.build.instantiate_model(cfg.model)
     state = model.state_dict()
     assert head and all(state[k].shape[0] == 7 for k in head)
     assert {k.rpartition(".")[0] for k in head} <= {n for n, _ in model.named_modules()}
@@ -363,7 +377,7 @@ def test_googlenet_and_squeezenet_heads():
     ],
 )
 def test_the_zoo_stages(name, stages):
-    assert stage_nodes(cvarch.build.instantiate(cvarch.compose(f"model={name}").model)) == stages
+    assert stage_nodes(cvarch.build.instantiate_model(cvarch.compose(f"model={name}").model)) == stages
 
 
 def test_stage_probes_extract_vgg_pool_outputs(tmp_path, compose_tmp):
