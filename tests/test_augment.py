@@ -459,7 +459,10 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
     ),
 ]
 
@@ -482,7 +485,9 @@ def _per_image_reference(op, x: torch.Tensor, draws: list[list]) -> torch.Tensor
             out.append(TF.erase(image, top, left, bottom - top, right - left, op.fill) if d[2] else image)
         else:
             top, left, height, width = (int(v) for v in d)
-            out.append(TF.resized_crop(image, top, left, height, width, list(image.shape[-2:]), antialias=False))
+            out.append(
+                TF.resized_crop(image, top, left, height, width, list(image.shape[-2:]), antialias=False)
+            )
     return torch.stack(out)
 
 
