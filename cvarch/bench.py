@@ -476,7 +476,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="A/B rounds of loader, step and start-up")
     parser.add_argument("--epoch-repeats", type=int, default=3, help="A/B rounds of the full epoch")
     parser.add_argument("--warmup", type=int, default=5, help="training steps excluded from the step figure")
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps of the step figure")
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps of the step figure")
     parser.add_argument(
         "--loader-batches", type=int, default=20, help="batches timed of torchvision's loader"
     )

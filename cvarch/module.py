@@ -75,6 +75,7 @@ class ClassificationModule(pl.LightningModule):
         self.regularizer = regularizer if regularizer is not None else Regularizer()
         self.label_smoothing = label_smoothing
         self.aux_weight = aux_weight
+        self._train_acc_logged = False  # train/acc is logged once an epoch (see training_step)
         self.eval_split = "test"  # prefix of the metrics the test loop logs; cvarch-eval sets it per split
         top5 = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -107,6 +108,7 @@ class ClassificationModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Lightning 2.6 never calls train() itself: it keeps (and restores after validation) each module's mode
         frozen_eval(self.model)
+        self._train_acc_logged = False
 
     def set_image_size(self, size: int) -> None:
         """Sizes the test-time views for images of side ``size``: the center view is the training crop."""
@@ -186,13 +188,16 @@ class ClassificationModule(pl.LightningModule):
             self.log("train/data_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
             self.log("train/penalty", penalty, on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + penalty
-        # update only: the epoch value is computed once, when logged (calling the metric computes it every step)
+        # update only (calling the metric would also compute each batch's accuracy)
         self.train_acc.update(logits, y.argmax(dim=1) if y.is_floating_point() else y)  # soft: dominant class
         # losses are tensors: sync_dist averages them over DDP processes (metrics objects sync themselves)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         if self._logs_this_step():  # each self.log costs Lightning ~0.7 ms: only on the steps it writes
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if not self._train_acc_logged:  # a metric object is computed from its state at the epoch's end: logging
+            # it once an epoch is enough, and saves Lightning's ~0.7 ms per self.log on every other step
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+            self._train_acc_logged = True
         return loss
 
     def _logs_this_step(self) -> bool:
