@@ -194,7 +194,9 @@ class ClassificationModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         if self._logs_this_step():  # each self.log costs Lightning ~0.7 ms: only on the steps it writes
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, sync_dist=True)
-        if not self._train_acc_logged:  # a metric object is computed from its state at the epoch's end: logging
+        if (
+            not self._train_acc_logged
+        ):  # a metric object is computed from its state at the epoch's end: logging
             # it once an epoch is enough, and saves Lightning's ~0.7 ms per self.log on every other step
             self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
             self._train_acc_logged = True

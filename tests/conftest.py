@@ -17,6 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# parametrize a test over the devices: the CPU always, CUDA (marked gpu) where present
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
 def tmp_overrides(tmp_path: Path) -> list[str]:
     """Overrides that keep a run's logs and caches inside ``tmp_path``."""
     return [f"paths.log_dir={tmp_path}/logs", f"paths.cache_dir={tmp_path}/cache"]

@@ -27,6 +27,7 @@ from cvarch.augment import (
 )
 from cvarch.callbacks import AugmentationGrid
 from cvarch.config import CONFIG_DIR
+from tests.conftest import DEVICES
 
 OPTIONS = sorted(p.stem for p in Path(CONFIG_DIR, "augment").glob("*.yaml"))
 MIXING = ("mixup", "cutmix")
@@ -453,18 +454,6 @@ def test_every_option_runs_on_cuda_seeded_and_on_device(option, compose_tmp):
         fresh.set_rng_state(state)
         got = fresh(images, labels)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 
 
 def _per_image_reference(op, x: torch.Tensor, draws: list[list]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from cvarch.build import build_model, build_module, build_trainer, sweep_identit
 from cvarch.config import CONFIG_DIR, MODEL_OPTIONS, validate
 from cvarch.eval import evaluate, load_checkpoint, load_module
 from cvarch.models.resnet import ResNet
-from tests.conftest import report, tmp_overrides
+from tests.conftest import DEVICES, report, tmp_overrides
 
 
 def test_swept_keys_come_from_the_command_line_and_the_sweeper_params(tmp_path):
@@ -188,19 +188,7 @@ def test_fast_path_keys_are_run_options_the_model_constructor_never_sees(compose
         validate(compose_tmp("model.compile=yes"))
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_weights_make_every_activation_nhwc_from_an_nchw_input(device, compose_tmp):
     """Why build_model converts no input: the first NHWC conv returns NHWC, and the layers after keep it."""
     cfg = compose_tmp("data=digits_rgb32", "model=resnet20")
