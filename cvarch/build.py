@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
 from cvarch.augment import Augment
-from cvarch.config import model_parts, optimizer_parts, scheduler_parts
+from cvarch.config import check_targets, model_parts, optimizer_parts, scheduler_parts
 from cvarch.data import ImageDataModule
 from cvarch.models import check_input_size
 from cvarch.module import ClassificationModule
@@ -32,6 +32,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, but an error raised by cvarch's own code (whose message already names its
     config key) comes out as itself, not wrapped in Hydra's InstantiationException."""
+    check_targets(node)  # before anything is imported or called
     try:
         return hydra_instantiate(node, *args, **kwargs)
     except InstantiationException as err:
@@ -42,6 +43,26 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         ):
             raise cause from None
         raise
+
+
+def load_checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Any:
+    """``torch.load(path, weights_only=True)``: a checkpoint passed around between people is data, and a file
+    whose unpickling would run code (a ``__reduce__`` payload) is refused before any of it runs.
+
+    Raises:
+        FileNotFoundError: naming ``key`` when there is no file.
+        ValueError: naming ``key`` and the file when it holds anything but tensors and plain containers.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{key}: {path} cannot be loaded with weights_only=True, so it is refused (it holds more than "
+            f"tensors and plain containers: {type(err).__name__}: {str(err).splitlines()[0][:300]})"
+        ) from None
 
 
 def build_transfer(cfg: DictConfig) -> Transfer:

@@ -127,14 +127,65 @@ def _check(node: Any, path: str, errors: list[str]) -> None:
             _check(value, f"{path}.{key}" if path else str(key), errors)
 
 
-def _check_call(node: dict, path: str, errors: list[str]) -> None:
-    target = node["_target_"]
-    where = f"{path}._target_" if path else "_target_"
+# the packages whose objects a config may build: a config (or a checkpoint's saved config) from someone else
+# must not be able to run os.system, subprocess.run or any other callable through hydra's instantiate
+ALLOWED_TARGETS = ("cvarch.", "torch.", "torchvision.", "torchmetrics.", "pytorch_lightning.", "lightning.")
+
+
+def target_error(target: str, where: str) -> str | None:
+    """Why ``target`` may not be built, or ``None``. The name must start with an allowed package (checked
+    before anything is imported), and the object it resolves to must be defined in one, so an alias through an
+    allowed module (``torch.os.system``, ``cvarch.config.inspect.os.system``) is refused as well."""
+    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGETS):
+        return (
+            f"{where}: {target!r} is not allowed; configs may only build objects of "
+            f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGETS)}"
+        )
     try:
         obj = get_object(target)
     except Exception as err:
-        errors.append(f"{where}: cannot import {target!r} ({err})")
+        return f"{where}: cannot import {target!r} ({err})"
+    module = getattr(obj, "__module__", None) or ""
+    if isinstance(obj, types.ModuleType) or not (module + ".").startswith(ALLOWED_TARGETS):
+        return (
+            f"{where}: {target!r} is an alias of {module or type(obj).__name__}."
+            f"{getattr(obj, '__name__', '')}, which is not allowed; configs may only build objects of "
+            f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGETS)}"
+        )
+    return None
+
+
+def check_targets(node: Any, path: str = "") -> None:
+    """Refuses any ``_target_`` in ``node`` (a config, dict or list, nested) outside :data:`ALLOWED_TARGETS`.
+
+    Raises:
+        ConfigError: naming the dotted key and the target.
+    """
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            check_targets(item, f"{path}[{i}]")
         return
+    if not isinstance(node, dict):
+        return
+    if "_target_" in node:
+        error = target_error(node["_target_"], f"{path}._target_" if path else "_target_")
+        if error:
+            raise ConfigError(error)
+    for key, value in node.items():
+        if key != "_target_":
+            check_targets(value, f"{path}.{key}" if path else str(key))
+
+
+def _check_call(node: dict, path: str, errors: list[str]) -> None:
+    target = node["_target_"]
+    where = f"{path}._target_" if path else "_target_"
+    error = target_error(target, where)
+    if error:
+        errors.append(error)
+        return
+    obj = get_object(target)
     params, hints, takes_kwargs = _signature(obj)
     if params is None:
         return

@@ -7,10 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cvarch.build import build_augment, build_datamodule, build_model, build_module, instantiate
+from cvarch.build import (
+    build_augment,
+    build_datamodule,
+    build_model,
+    build_module,
+    instantiate,
+    load_checkpoint_file,
+)
 from cvarch.config import CONFIG_DIR
 from cvarch.module import ClassificationModule
 from cvarch.train import write_metrics
@@ -21,9 +27,7 @@ SPLITS = ("test", "val", "train")
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
     """Loads a cvarch checkpoint with ``weights_only=True``; returns it and the run config it was trained with."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint_file(path)
     if "hyper_parameters" not in ckpt or "model" not in ckpt["hyper_parameters"]:
         raise ValueError(
             f"ckpt_path: {path} was not written by cvarch-train (no run config in its hyperparameters)"

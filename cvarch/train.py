@@ -25,6 +25,7 @@ from cvarch.build import (
     build_trainer,
     build_transfer,
     instantiate,
+    load_checkpoint_file,
     start_loggers,
 )
 from cvarch.compare import count_macs
@@ -168,6 +169,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     transfer = build_transfer(cfg)
     source_preprocess = transfer.adopt(cfg)  # a cvarch source brings its model and preprocess into the config
+    if cfg.get("ckpt_path"):  # refused before any work if it is missing or would run code when unpickled
+        load_checkpoint_file(cfg.ckpt_path)
     check_launch(cfg)
     trainer = build_trainer(cfg, start=False)  # knows this process's DDP rank; W&B starts after the checks
     output_dir = Path(cfg.paths.output_dir)

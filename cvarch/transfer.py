@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.func import functional_call
 
-from cvarch.config import model_parts
+from cvarch.config import check_targets, model_parts
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,7 @@ def _state_shapes(model_cfg: DictConfig | Mapping[str, Any], num_classes: int) -
         OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
     )
     node["num_classes"] = num_classes
+    check_targets(node)  # a source checkpoint's model config is someone else's file
     with torch.device("meta"):
         model = instantiate(node)
     return {k: v.shape for k, v in model.state_dict().items()}

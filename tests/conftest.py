@@ -112,3 +112,20 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("cvarch measured figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+class _Payload:
+    """Unpickling this calls ``open(path, "w")``: the file appears only if the pickle was allowed to run code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def malicious_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """``(checkpoint, marker)``: a checkpoint-shaped pickle whose loading with code allowed creates ``marker``."""
+    path, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": {}}, "payload": _Payload(marker)}, path)
+    return path, marker

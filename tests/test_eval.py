@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import malicious_checkpoint, run_cli
 
 
 @pytest.mark.slow
@@ -40,3 +40,14 @@ def test_eval_with_other_test_time_views_keeps_the_plain_accuracy(default_run, t
     assert metrics["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)  # the center view, as trained
     assert trained["test/acc_tta"] == trained["test/acc"]  # the run itself had tta=none: one view
     assert 0.5 < metrics["test/acc_tta"] <= 1.0  # flipped digits: mirror images the net never saw
+
+
+def test_a_checkpoint_whose_unpickling_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    from cvarch.eval import load_checkpoint
+
+    path, marker = malicious_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"ckpt_path: .*evil.ckpt cannot be loaded with weights_only=True"):
+        load_checkpoint(path)
+    proc = run_cli("cvarch-eval", f"ckpt_path={path}", f"paths.log_dir={tmp_path}")
+    assert proc.returncode != 0 and "cannot be loaded with weights_only=True" in proc.stderr
+    assert not marker.exists()

@@ -14,7 +14,7 @@ import torch
 
 import cvarch
 from tests import wandb_log
-from tests.conftest import report, run_cli
+from tests.conftest import malicious_checkpoint, report, run_cli
 
 METRICS = {
     "train/loss",
@@ -170,7 +170,10 @@ class StateProbe(pl.Callback):
 
 
 @pytest.mark.slow
-def test_resume_restores_optimizer_scheduler_and_augmentation_state(compose_tmp):
+def test_resume_restores_optimizer_scheduler_and_augmentation_state(compose_tmp, monkeypatch):
+    monkeypatch.setattr(
+        cvarch.config, "ALLOWED_TARGETS", (*cvarch.config.ALLOWED_TARGETS, "tests.")
+    )  # the probe
     common = ("augment=cifar", "scheduler.patience=0", "logger=none", "data.batch_size=256")
     probe = "+callbacks.probe={_target_: tests.test_train.StateProbe}"
     StateProbe.seen = {}
@@ -377,3 +380,10 @@ def test_check_launch(monkeypatch, mode, env, hydra_overrides, strategy, warns):
     assert cfg.trainer.strategy == strategy
     messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
     assert (warns is None and not messages) or (warns and any(warns in m for m in messages)), messages
+
+
+def test_resuming_from_a_checkpoint_whose_unpickling_would_run_code_is_refused(tmp_path, compose_tmp):
+    path, marker = malicious_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"ckpt_path: .*evil.ckpt cannot be loaded with weights_only=True"):
+        cvarch.train(compose_tmp(f"ckpt_path={path}"))
+    assert not marker.exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from cvarch.config import CONFIG_DIR
 from cvarch.eval import evaluate
 from cvarch.train import train
 from cvarch.transfer import Transfer, frozen_eval, head_keys, load_source, stage_nodes
-from tests.conftest import tmp_overrides
+from tests.conftest import malicious_checkpoint, tmp_overrides
 
 FAKE = ["data=fake", "data.image_size=16", "data.train_size=64", "data.val_size=32", "data.test_size=32"]
 RUN = ["trainer=cpu", "logger=none", "model=resnet20", "data.batch_size=16", "augment=none"]
@@ -289,23 +288,6 @@ def test_an_adopted_source_model_keeps_this_runs_fast_path_options(source, compo
     assert cfg.model.channels_last is True and cfg.model.compile is False  # … run as this run asks
 
 
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_a_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.ckpt"
-    path.write_bytes(pickle.dumps({"state_dict": _Exploit(marker)}))
-    with pytest.raises(ValueError, match=r"cannot be loaded with weights_only=True"):
-        load_source(str(path))
-    assert not marker.exists()
-
-
 def test_strategy_errors_name_their_key(tmp_path, compose_tmp):
     with pytest.raises(
         ValueError, match=r"transfer=linear_probe needs transfer\.source: a cvarch checkpoint"
@@ -398,3 +380,14 @@ def test_run_configs_from_before_the_transfer_options_train_from_scratch():
     )
     assert build_transfer(legacy).strategy == "scratch"
     assert build_transfer(OmegaConf.create({})).strategy == "scratch"
+
+
+def test_a_source_whose_unpickling_would_run_code_is_refused_and_nothing_runs(tmp_path, compose_tmp):
+    path, marker = malicious_checkpoint(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"transfer.source: .*evil.ckpt cannot be loaded with weights_only=True"
+    ):
+        load_source(str(path))
+    with pytest.raises(ValueError, match="transfer.source"):
+        cvarch.train(compose_tmp("transfer=linear_probe", f"transfer.source={path}"))
+    assert not marker.exists()
