@@ -103,6 +103,13 @@ def validate(cfg: DictConfig) -> None:
         unknown = sorted(set(groups) - {"decay_norm_bias", "lr_mult"})
         if unknown:
             errors.append(f"optimizer.groups: unknown keys {unknown}; expected decay_norm_bias, lr_mult")
+    lr = (plain.get("optimizer") or {}).get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not lr > 0:
+        errors.append(f"optimizer.lr: the learning rate must be > 0, got {lr}")
+    for key, value in (plain.get("model") or {}).items():
+        is_rate = str(key).startswith(("dropout", "drop_path"))
+        if is_rate and isinstance(value, (int, float)) and not 0 <= value < 1:
+            errors.append(f"model.{key}: a drop probability must be in [0, 1), got {value}")
     if "model" in plain:
         plain["model"], options = model_parts(plain["model"])
         errors += [

@@ -714,6 +714,8 @@ class ImageFolderDataModule(ImageDataModule):
             if not (folder / name).is_dir():
                 continue
             paths = _files_under(folder / name)
+            if not paths:  # an empty class folder is a copy gone wrong, not a class with no examples
+                raise ValueError(f"{folder / name} is an empty class folder: it holds no image files")
             files += [(p, label) for p in paths[: self.max_per_class]]
         if not files:
             selected = f" of data.classes {self.classes}" if self.classes != self._folders else ""

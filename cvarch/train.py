@@ -175,8 +175,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, start=False)  # knows this process's DDP rank; W&B starts after the checks
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:  # DDP: the other processes share rank 0's run directory and write nothing
-        output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, output_dir / "config.yaml")
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, output_dir / "config.yaml")
+        except OSError as err:  # before any work: a run that cannot save its checkpoints must not start
+            raise PermissionError(
+                f"paths.output_dir: cannot write the run directory {output_dir} ({err.strerror}); set "
+                "paths.log_dir (or hydra.run.dir) to a writable folder"
+            ) from None
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -325,3 +326,29 @@ def test_every_shipped_config_target_is_allowed():
     }
     assert len(targets) > 50
     assert [t for t in targets if target_error(t, "x")] == []
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=0", r"optimizer.lr: the learning rate must be > 0, got 0"),
+        ("optimizer.lr=-0.1", r"optimizer.lr: the learning rate must be > 0, got -0.1"),
+        ("model.dropout=1.0", r"model.dropout: a drop probability must be in \[0, 1\), got 1.0"),
+        ("model.drop_path=-0.2", r"model.drop_path: a drop probability must be in \[0, 1\), got -0.2"),
+    ],
+)
+def test_rates_out_of_range_are_named_before_any_work(override, message, compose_tmp):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_tmp(override))
+
+
+def test_a_read_only_output_dir_is_an_error_naming_it_before_any_work(compose_tmp, tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere: make the run directory's parent a file instead
+        blocked = tmp_path / "blocked"
+        blocked.write_text("")
+    else:
+        blocked = tmp_path / "ro"
+        blocked.mkdir()
+        blocked.chmod(0o500)
+    with pytest.raises(PermissionError, match=r"paths.output_dir: cannot write the run directory .*blocked"):
+        cvarch.train(compose_tmp(f"paths.log_dir={blocked}/logs"))

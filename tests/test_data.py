@@ -549,3 +549,9 @@ def test_batches_come_from_the_gpu_or_from_pinned_host_memory(on_device):
     else:
         assert not x.is_cuda and x.is_pinned() and y.is_pinned()
     assert x.dtype == torch.uint8  # uint8 all the way: the fused preprocess converts on the device
+
+
+def test_an_empty_class_folder_is_an_error_naming_it(image_tree):
+    (image_tree / "train" / "emu").mkdir()
+    with pytest.raises(ValueError, match=r"train/emu is an empty class folder"):
+        ImageFolderDataModule(root=str(image_tree), num_classes=4, channels=3)
