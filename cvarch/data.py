@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -584,14 +585,43 @@ def decode_image_file(path: Path, channels: int, size: int | None) -> torch.Tens
     return image
 
 
-def decode_files(files: Sequence[tuple[Path, int]], channels: int, size: int | None) -> Split:
+def decode_files(
+    files: Sequence[tuple[Path, int]], channels: int, size: int | None, skip_corrupt: bool = False
+) -> Split:
     """Decodes ``(file, label)`` pairs, in threads, into one in-memory :class:`Split`.
 
+    Args:
+        files: the files and their labels.
+        channels: 1 (grey) or 3 (RGB).
+        size: side every image is resized to; ``None`` keeps the files' size, which must then agree.
+        skip_corrupt: leave out files that cannot be decoded (truncated, not an image), with a warning that
+            counts them, instead of raising.
+
     Raises:
-        ValueError: naming the files, if their sizes differ and ``size`` is ``None``.
+        ValueError: naming the file, if one cannot be decoded (unless ``skip_corrupt``) or if the sizes differ
+            and ``size`` is ``None``.
     """
+
+    def decode(item: tuple[Path, int]) -> torch.Tensor | ValueError:
+        try:
+            return decode_image_file(item[0], channels, size)
+        except ValueError as err:
+            if not skip_corrupt:
+                raise
+            return err
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        images = list(pool.map(lambda f: decode_image_file(f[0], channels, size), files))
+        images = list(pool.map(decode, files))
+    skipped = [err for err in images if isinstance(err, ValueError)]
+    if skipped:
+        warnings.warn(
+            f"data.on_corrupt=skip: skipped {len(skipped)} of {len(files)} files that cannot be decoded "
+            f"(first: {skipped[0]})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        files = [f for f, image in zip(files, images, strict=True) if not isinstance(image, ValueError)]
+        images = [image for image in images if not isinstance(image, ValueError)]
     first = images[0].shape
     for (path, _), image in zip(files, images, strict=True):
         if image.shape != first:
@@ -634,6 +664,9 @@ class ImageFolderDataModule(ImageDataModule):
             other folders, in every split, are ignored. ``None`` uses all folders, sorted by name.
         stream: decode files per batch instead of holding the tree in memory: ``True``, ``False``, or
             ``"auto"`` (when the decoded images would take more than half the host's available memory).
+        on_corrupt: a file that cannot be decoded (truncated JPEG, not an image) is an error naming it
+            (``"error"``), or is left out with a warning counting the skipped files (``"skip"``; in-memory
+            trees only, since a streamed tree is decoded batch by batch).
         **kwargs: see :class:`ImageDataModule`.
     """
 
@@ -645,9 +678,13 @@ class ImageFolderDataModule(ImageDataModule):
         max_per_class: int | None = None,
         classes: list[str] | None = None,
         stream: bool | str = "auto",
+        on_corrupt: str = "error",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"data.on_corrupt must be error or skip, got {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
         if stream not in (True, False, "auto"):
             raise ValueError(f"data.stream must be true, false or auto, got {stream!r}")
         self.root = Path(root).expanduser()
@@ -690,6 +727,11 @@ class ImageFolderDataModule(ImageDataModule):
         self.streamed = stream is True or (
             stream == "auto" and self.decoded_bytes() > available_memory(torch.device("cpu")) // 2
         )
+        if self.streamed and self.on_corrupt == "skip":
+            raise ValueError(
+                "data.on_corrupt=skip works on a tree decoded into memory, but this one is streamed "
+                "(data.stream): check its files first, or set data.on_corrupt=error"
+            )
 
     def decoded_bytes(self) -> int:
         """Bytes the whole tree takes decoded, estimated from the size of its first training image (read from
@@ -725,7 +767,9 @@ class ImageFolderDataModule(ImageDataModule):
     def fingerprint(self) -> str | None:
         if self.streamed:  # nothing decoded to cache
             return None
-        h = hashlib.sha256(f"{self.image_size}|{self.channels}".encode())
+        # on_corrupt=skip caches a tree without its bad files; error must still see them: part of the key
+        skip = "|skip" if self.on_corrupt == "skip" else ""
+        h = hashlib.sha256(f"{self.image_size}|{self.channels}{skip}".encode())
         root = len(str(self.root)) + 1
         for split, files in self._files.items():
             for path, label in files:
@@ -742,7 +786,7 @@ class ImageFolderDataModule(ImageDataModule):
             }
         else:
             decoded = {
-                name: decode_files(files, self.channels, self.image_size)
+                name: decode_files(files, self.channels, self.image_size, self.on_corrupt == "skip")
                 for name, files in self._files.items()
             }
         train = decoded["train"]
