@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -32,6 +33,8 @@ from cvarch.compare import count_macs
 from cvarch.config import CONFIG_DIR, ConfigError, validate
 from cvarch.tta import TestTimeAugment
 
+log = logging.getLogger(__name__)
+
 METRIC_KEYS = (
     "train/loss",
     "val/acc",
@@ -45,10 +48,27 @@ STAGE_METRIC = re.compile(r"(val|test)/acc_stage\d+")  # transfer=stage_probes: 
 
 
 def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
-    """Writes ``metrics.json`` to the run directory and returns its path."""
+    """Writes ``metrics.json`` to the run directory (atomically: a kill mid-write leaves no half file, so a
+    present ``metrics.json`` means a finished run) and returns its path."""
     path = Path(output_dir) / "metrics.json"
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
     return path
+
+
+def finished_run(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The metrics of a run that already finished in ``output_dir`` with exactly this config, else ``None``:
+    re-running a sweep with the same ``hydra.sweep.dir`` and overrides skips its finished jobs."""
+    metrics_file, config_file = output_dir / "metrics.json", output_dir / "config.yaml"
+    if not (metrics_file.is_file() and config_file.is_file()):
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text())
+        same = OmegaConf.to_yaml(OmegaConf.load(config_file)) == OmegaConf.to_yaml(cfg)
+    except (ValueError, OSError):
+        return None
+    return metrics if same and "test/acc" in metrics else None
 
 
 def model_cost(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> dict[str, float]:
@@ -172,6 +192,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("ckpt_path"):  # refused before any work if it is missing or would run code when unpickled
         load_checkpoint_file(cfg.ckpt_path)
     check_launch(cfg)
+    done = finished_run(Path(cfg.paths.output_dir), cfg)
+    if done is not None:
+        log.info(
+            "%s already holds a finished run of this config (metrics.json): skipped", cfg.paths.output_dir
+        )
+        return done
     trainer = build_trainer(cfg, start=False)  # knows this process's DDP rank; W&B starts after the checks
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:  # DDP: the other processes share rank 0's run directory and write nothing

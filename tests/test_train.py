@@ -387,3 +387,19 @@ def test_resuming_from_a_checkpoint_whose_unpickling_would_run_code_is_refused(t
     with pytest.raises(ValueError, match=r"ckpt_path: .*evil.ckpt cannot be loaded with weights_only=True"):
         cvarch.train(compose_tmp(f"ckpt_path={path}"))
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_rerunning_a_sweep_skips_the_jobs_that_finished(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("cvarch-train", "-m", "seed=0,1", f"hydra.sweep.dir={sweep}", "data.train_per_class=10",
+            "trainer.max_epochs=1", "logger=none", f"paths.log_dir={tmp_path}/logs")  # fmt: skip
+    assert run_cli(*args).returncode == 0
+    finished = sweep / "0" / "metrics.json"
+    stamp = finished.stat().st_mtime_ns
+    (sweep / "1" / "metrics.json").unlink()  # job 1 "was killed" before it finished
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already holds a finished run of this config (metrics.json): skipped" in proc.stdout + proc.stderr
+    assert finished.stat().st_mtime_ns == stamp  # job 0 not re-run
+    assert (sweep / "1" / "metrics.json").is_file()  # job 1 run again
