@@ -84,6 +84,62 @@ class LearningCurves(pl.Callback):
         self.history = list(state_dict.get("history", []))
 
 
+class DivergenceError(RuntimeError):
+    """Training diverged: a non-finite loss, or non-finite weights before a checkpoint."""
+
+
+class DivergenceGuard(pl.Callback):
+    """Stops a run at the first non-finite training loss, before its backward pass, so the weights the last
+    checkpoint holds stay the last finite ones; and refuses to checkpoint non-finite weights.
+
+    The loss check costs one device-to-host bool per micro-batch (a sync on GPU): stopping at the step itself,
+    before the optimizer applies NaN gradients, needs the answer before ``backward``. The weights are checked
+    once per validation and once per training epoch, before ``ModelCheckpoint`` (which Lightning always runs
+    after the other callbacks) can save them: a finite loss with an infinite gradient leaves NaN weights that
+    only the next step's loss would show.
+    """
+
+    def __init__(self) -> None:
+        self.last_finite: tuple[int, torch.Tensor] | None = None  # (global step, loss), kept on the device
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if bool(torch.isfinite(loss)):
+            self.last_finite = (trainer.global_step, loss.detach())
+            return
+        if self.last_finite is None:
+            last = "no finite loss before it"
+        else:
+            last = f"last finite loss {float(self.last_finite[1]):.6g} at global step {self.last_finite[0]}"
+        raise DivergenceError(
+            f"training diverged: loss is {float(loss.detach())} at global step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}); {last}. The last checkpoint written before this step is kept; "
+            "lower optimizer.lr or set trainer.gradient_clip_val"
+        )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:  # fit's validation, not validate()
+            self._check_weights(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_weights(trainer, pl_module)
+
+    def _check_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tensors = [t for t in pl_module.state_dict().values() if t.is_floating_point()]
+        if not tensors or bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+            return
+        bad = [
+            k for k, t in pl_module.state_dict().items() if t.is_floating_point() and not t.isfinite().all()
+        ]
+        raise DivergenceError(
+            f"training diverged: non-finite weights at global step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}): {', '.join(bad[:5])}{' …' if len(bad) > 5 else ''}; not "
+            "checkpointed. The last checkpoint written before this is kept; lower optimizer.lr or set "
+            "trainer.gradient_clip_val"
+        )
+
+
 ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.GELU, nn.ELU, nn.SiLU)
 
 

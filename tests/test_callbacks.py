@@ -1,14 +1,17 @@
-"""LearningCurves and ActivationStats: histories, figures, W&B, and the lecture's init-study numbers."""
+"""LearningCurves, ActivationStats, DivergenceGuard: histories, figures, W&B, init-study numbers, divergence."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
+import torch
+from torch import nn
 
-from cvarch.callbacks import LearningCurves
+from cvarch.callbacks import DivergenceError, DivergenceGuard, LearningCurves
 from tests import wandb_log
 
 
@@ -73,3 +76,35 @@ def test_test_predictions_write_the_confusion_matrix_and_log_it_with_test_images
     logged = {k: v for row in wandb_log.history(log) for k, v in row.items()}
     assert logged["test/confusion_matrix_table/nrows"] == 100  # 10 × 10 (actual, predicted, count) rows
     assert logged["test/predictions/nrows"] == 32 and logged["test/predictions/ncols"] == 4
+
+
+def _trainer_at(step: int, epoch: int = 0):
+    state = SimpleNamespace(fn="fit")
+    return SimpleNamespace(global_step=step, current_epoch=epoch, state=state, sanity_checking=False)
+
+
+def test_divergence_guard_names_the_step_and_the_last_finite_loss():
+    guard = DivergenceGuard()
+    for step, loss in enumerate((2.5, 1.25)):
+        guard.on_before_backward(_trainer_at(step), None, torch.tensor(loss))
+    with pytest.raises(
+        DivergenceError,
+        match=r"loss is nan at global step 2 \(epoch 0\); last finite loss 1.25 at global step 1",
+    ):
+        guard.on_before_backward(_trainer_at(2), None, torch.tensor(float("nan")))
+    with pytest.raises(DivergenceError, match="loss is inf at global step 0 .*no finite loss before it"):
+        DivergenceGuard().on_before_backward(_trainer_at(0), None, torch.tensor(float("inf")))
+
+
+def test_divergence_guard_refuses_to_checkpoint_non_finite_weights():
+    guard, net = DivergenceGuard(), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    guard.on_validation_end(_trainer_at(7, 1), net)
+    guard.on_train_epoch_end(_trainer_at(7, 1), net)
+    with torch.no_grad():
+        net[1].running_var[0] = float("nan")  # a buffer counts too: it is saved in the checkpoint
+    with pytest.raises(
+        DivergenceError, match=r"non-finite weights at global step 7 \(epoch 1\): 1.running_var"
+    ):
+        guard.on_validation_end(_trainer_at(7, 1), net)
+    with pytest.raises(DivergenceError, match="1.running_var"):
+        guard.on_train_epoch_end(_trainer_at(7, 1), net)

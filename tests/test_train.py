@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import platform
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 import cvarch
 from tests import wandb_log
-from tests.conftest import malicious_checkpoint, report, run_cli
+from tests.conftest import malicious_checkpoint, report, run_cli, tmp_overrides
 
 METRICS = {
     "train/loss",
@@ -403,3 +405,99 @@ def test_rerunning_a_sweep_skips_the_jobs_that_finished(tmp_path):
     assert "already holds a finished run of this config (metrics.json): skipped" in proc.stdout + proc.stderr
     assert finished.stat().st_mtime_ns == stamp  # job 0 not re-run
     assert (sweep / "1" / "metrics.json").is_file()  # job 1 run again
+
+
+def test_debug_anomaly_turns_on_autograd_anomaly_detection(compose_tmp):
+    from cvarch.build import build_trainer
+
+    assert build_trainer(compose_tmp("logger=none"), start=False)._detect_anomaly is False
+    cfg = compose_tmp("debug=anomaly", "logger=none")
+    assert cfg.trainer.detect_anomaly is True and cfg.task_name == "debug"
+    assert build_trainer(cfg, start=False)._detect_anomaly is True
+
+
+def _finite_checkpoints(checkpoints: Path) -> dict[str, int]:
+    """``{name: epoch}`` of the checkpoints in a folder, each loaded with weights_only=True and checked finite."""
+    epochs = {}
+    for path in checkpoints.glob("*.ckpt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        for key, tensor in ckpt["state_dict"].items():
+            if tensor.is_floating_point():
+                assert torch.isfinite(tensor).all(), f"{path.name}: {key} is not finite"
+        epochs[path.name] = ckpt["epoch"]
+    return epochs
+
+
+def test_a_diverging_run_stops_at_the_step_and_keeps_the_previous_epoch_checkpoint(compose_tmp, tmp_path):
+    from cvarch.callbacks import DivergenceError
+
+    # lr 0.1 for epoch 0, then × 1e5 = 1e4: epoch 0 completes and is checkpointed, epoch 1 diverges
+    cfg = compose_tmp(
+        "logger=none", "optimizer.lr=0.1", "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=1e5"
+    )
+    with pytest.raises(DivergenceError) as err:
+        cvarch.train(cfg)
+    message = str(err.value)
+    step = int(re.search(r"loss is nan at global step (\d+) \(epoch 1\)", message).group(1))
+    last = re.search(r"last finite loss (\S+) at global step (\d+)", message)
+    assert 20 <= step < 40 and int(last.group(2)) == step - 1  # digits: 20 steps an epoch
+    assert math.isfinite(float(last.group(1)))
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1
+    epochs = _finite_checkpoints(runs[0] / "checkpoints")
+    assert epochs["last.ckpt"] == 0 and set(epochs.values()) == {0}  # best and last: the finite epoch 0
+
+
+def test_lr_1e4_diverges_in_the_first_epoch_and_no_checkpoint_holds_nan(compose_tmp, tmp_path):
+    from cvarch.callbacks import DivergenceError
+
+    with pytest.raises(
+        DivergenceError, match=r"loss is nan at global step \d+ \(epoch 0\); last finite loss"
+    ):
+        cvarch.train(compose_tmp("logger=none", "optimizer.lr=1e4"))
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert (
+        _finite_checkpoints(run / "checkpoints") == {}
+    )  # no epoch ended: nothing was written, NaN least of all
+
+
+@pytest.mark.slow
+def test_cvarch_train_exits_non_zero_naming_the_divergence(tmp_path):
+    proc = run_cli("cvarch-train", *tmp_overrides(tmp_path), "logger=none", "optimizer.lr=1e4")
+    assert proc.returncode != 0
+    assert re.search(
+        r"DivergenceError: training diverged: loss is nan at global step \d+ \(epoch 0\); "
+        r"last finite loss \S+ at global step \d+",
+        proc.stderr,
+    ), proc.stderr[-3000:]
+
+
+def _poison_at_epoch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    """Sets one weight to NaN after the last optimizer step of epoch 1: a finite loss, then NaN weights."""
+    if trainer.current_epoch == 1 and trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+        with torch.no_grad():
+            next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+# ModelCheckpoint saves at train epoch end when validation runs once an epoch, else at validation end
+# (0.5: last.ckpt is then the finite one from the middle of epoch 1)
+@pytest.mark.parametrize(("val_check_interval", "last_epoch"), [("1.0", 0), ("0.5", 1)])
+def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(
+    val_check_interval, last_epoch, compose_tmp, tmp_path, monkeypatch
+):
+    from cvarch.callbacks import DivergenceError, LearningCurves
+
+    # a default callback does the poisoning: the config refuses _target_s outside cvarch, torch and Lightning
+    monkeypatch.setattr(LearningCurves, "on_train_batch_end", _poison_at_epoch_end, raising=False)
+    with pytest.raises(
+        DivergenceError, match=r"non-finite weights at global step 40 \(epoch 1\): model.conv1.weight"
+    ):
+        cvarch.train(
+            compose_tmp(
+                "logger=none", "trainer.max_epochs=3", f"trainer.val_check_interval={val_check_interval}"
+            )
+        )
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    epochs = _finite_checkpoints(run / "checkpoints")
+    # every checkpoint is finite (_finite_checkpoints): epoch 1's NaN weights were never saved
+    assert epochs["last.ckpt"] == last_epoch
