@@ -145,7 +145,7 @@ def test_a_failing_job_leaves_the_others_and_is_listed(tmp_path):
         *tmp_overrides(tmp_path),
         f"hydra.sweep.dir={sweep}",
     )
-    assert result.returncode != 0 and "Invalid learning rate: -1.0" in result.stderr
+    assert result.returncode != 0 and "optimizer.lr: the learning rate must be > 0, got -1.0" in result.stderr
     summary = report(sweep)
     assert [g["optimizer.lr"] for g in summary["groups"]] == ["0.01"] and summary["groups"][0]["n"] == 1
     assert summary["failed"] == ["0"]
