@@ -45,26 +45,6 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         raise
 
 
-def load_checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Any:
-    """``torch.load(path, weights_only=True)``: a checkpoint passed around between people is data, and a file
-    whose unpickling would run code (a ``__reduce__`` payload) is refused before any of it runs.
-
-    Raises:
-        FileNotFoundError: naming ``key`` when there is no file.
-        ValueError: naming ``key`` and the file when it holds anything but tensors and plain containers.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{key}: {path} cannot be loaded with weights_only=True, so it is refused (it holds more than "
-            f"tensors and plain containers: {type(err).__name__}: {str(err).splitlines()[0][:300]})"
-        ) from None
-
-
 def build_transfer(cfg: DictConfig) -> Transfer:
     """The ``transfer`` group's strategy; configs of cvarch versions before the group had options (a partial of
     ``apply_transfer``) and configs without one train from scratch."""

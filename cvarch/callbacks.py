@@ -118,6 +118,17 @@ class DivergenceGuard(pl.Callback):
             "lower optimizer.lr or set trainer.gradient_clip_val"
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """The last finite loss, so a resumed run that diverges still names it."""
+        if self.last_finite is None:
+            return {}
+        return {"last_finite_step": self.last_finite[0], "last_finite_loss": float(self.last_finite[1])}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "last_finite_step" in state_dict:
+            loss = torch.tensor(state_dict["last_finite_loss"])
+            self.last_finite = (state_dict["last_finite_step"], loss)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:  # fit's validation, not validate()
             self._check_weights(trainer, pl_module)

@@ -751,10 +751,11 @@ class ImageFolderDataModule(ImageDataModule):
         unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in self._folders)
         if unknown:
             raise ValueError(f"{folder} has class folders that train/ lacks: {unknown}")
+        absent = [name for name in self.classes if not (folder / name).is_dir()]
+        if absent:  # its accuracy would be over other classes than training's: a copy gone wrong
+            raise ValueError(f"{folder} lacks class folders that train/ has: {absent}")
         files = []
         for label, name in enumerate(self.classes):
-            if not (folder / name).is_dir():
-                continue
             paths = _files_under(folder / name)
             if not paths:  # an empty class folder is a copy gone wrong, not a class with no examples
                 raise ValueError(f"{folder / name} is an empty class folder: it holds no image files")

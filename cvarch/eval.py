@@ -15,8 +15,8 @@ from cvarch.build import (
     build_model,
     build_module,
     instantiate,
-    load_checkpoint_file,
 )
+from cvarch.checkpoint import load_checkpoint_file
 from cvarch.config import CONFIG_DIR
 from cvarch.module import ClassificationModule
 from cvarch.train import write_metrics

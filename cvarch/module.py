@@ -13,6 +13,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from cvarch.augment import Augment
+from cvarch.checkpoint import rng_state, set_rng_state
 from cvarch.optimizer import param_groups
 from cvarch.preprocess import Rescale
 from cvarch.regularizer import Regularizer
@@ -131,6 +132,7 @@ class ClassificationModule(pl.LightningModule):
         return batch
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_state"] = rng_state()  # dropout, stochastic depth: the global generators
         state = self.augment.rng_state()
         if state is not None:  # a resumed run continues the augmentation stream
             checkpoint["augment_rng_state"] = state.cpu()
@@ -142,6 +144,7 @@ class ClassificationModule(pl.LightningModule):
         if "augment_rng_state" in checkpoint:
             self.augment.set_rng_state(checkpoint["augment_rng_state"])
         self._plateau_steps_to_replay = checkpoint.get("plateau_steps_pending", [])
+        self._rng_state_to_restore = checkpoint.get("rng_state")
 
     def _pending_plateau_steps(self) -> list[float]:
         """The metrics of the epoch-end ``ReduceLROnPlateau`` steps Lightning has yet to take when a checkpoint
@@ -164,6 +167,11 @@ class ClassificationModule(pl.LightningModule):
         for scheduler, metric in zip(plateaus, steps, strict=False):  # the step the checkpoint preceded
             scheduler.step(metric)
         self._plateau_steps_to_replay = []
+        # restored here, not at load: the last thing before the first batch, as in a run that never stopped
+        # (Lightning's sanity check runs between load and here, under its own isolate_rng)
+        if getattr(self, "_rng_state_to_restore", None) is not None:
+            set_rng_state(self._rng_state_to_restore)
+            self._rng_state_to_restore = None
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -26,9 +26,9 @@ from cvarch.build import (
     build_trainer,
     build_transfer,
     instantiate,
-    load_checkpoint_file,
     start_loggers,
 )
+from cvarch.checkpoint import check_fits, load_checkpoint_file, resume_path
 from cvarch.compare import count_macs
 from cvarch.config import CONFIG_DIR, ConfigError, validate
 from cvarch.tta import TestTimeAugment
@@ -58,17 +58,24 @@ def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
 
 
 def finished_run(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
-    """The metrics of a run that already finished in ``output_dir`` with exactly this config, else ``None``:
-    re-running a sweep with the same ``hydra.sweep.dir`` and overrides skips its finished jobs."""
+    """The metrics of a run that already finished in ``output_dir`` with this config (``resume`` and
+    ``ckpt_path`` aside), else ``None``: re-running a sweep with the same ``hydra.sweep.dir`` and overrides skips
+    its finished jobs."""
     metrics_file, config_file = output_dir / "metrics.json", output_dir / "config.yaml"
     if not (metrics_file.is_file() and config_file.is_file()):
         return None
     try:
         metrics = json.loads(metrics_file.read_text())
-        same = OmegaConf.to_yaml(OmegaConf.load(config_file)) == OmegaConf.to_yaml(cfg)
+        same = _job_config(OmegaConf.load(config_file)) == _job_config(cfg)
     except (ValueError, OSError):
         return None
     return metrics if same and "test/acc" in metrics else None
+
+
+def _job_config(cfg: DictConfig) -> str:
+    """The config as a sweep job is identified: how it was (re)started (``resume``, ``ckpt_path``) left out."""
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("resume", "ckpt_path")])
+    return OmegaConf.to_yaml(job)
 
 
 def model_cost(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> dict[str, float]:
@@ -189,8 +196,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     transfer = build_transfer(cfg)
     source_preprocess = transfer.adopt(cfg)  # a cvarch source brings its model and preprocess into the config
-    if cfg.get("ckpt_path"):  # refused before any work if it is missing or would run code when unpickled
-        load_checkpoint_file(cfg.ckpt_path)
+    ckpt_path = resume_path(cfg)  # ckpt_path, or the run directory's last.ckpt for resume / ckpt_path=last
+    # refused before any work if it is missing or would run code when unpickled
+    ckpt = load_checkpoint_file(ckpt_path) if ckpt_path else None
     check_launch(cfg)
     done = finished_run(Path(cfg.paths.output_dir), cfg)
     if done is not None:
@@ -228,10 +236,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg, image_shape=input_shape, batch=batch, transfer=transfer)
     cost = model_cost(model, input_shape)
     module = build_module(cfg, model, preprocess=preprocess, augment=augment)
+    if ckpt is not None:
+        check_fits(module, ckpt, ckpt_path, num_classes=cfg.data.num_classes)
+        del ckpt  # Lightning loads it again in fit
     start_loggers(trainer, cfg)
     try:
         log_summary(trainer, cost)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         best = (
             trainer.checkpoint_callback.best_model_path
             if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
@@ -251,6 +262,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         **cost,
         "best_ckpt": best or None,
+        "resumed_from": ckpt_path,
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:

@@ -328,6 +328,17 @@ def test_imagefolder_classes_ignores_other_folders_of_val_but_not_unknown_ones(t
         ImageFolderDataModule(root=str(root), num_classes=1, channels=3, classes=["dog"])
 
 
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_imagefolder_val_or_test_lacking_a_training_class_is_an_error_naming_the_folder(tmp_path, split):
+    root = make_image_tree(tmp_path / "tree", per_class=4)
+    make_image_tree(root, classes=("cat", "fox"), per_class=2, split=split)
+    with pytest.raises(ValueError, match=rf"{root / split} lacks class folders that train/ has: \['dog'\]"):
+        ImageFolderDataModule(root=str(root), num_classes=3, channels=3)
+    # with data.classes, only the chosen classes must be there
+    dm = ImageFolderDataModule(root=str(root), num_classes=2, channels=3, classes=["fox", "cat"])
+    assert dm.classes == ["fox", "cat"]
+
+
 def test_imagefolder_unknown_class_or_wrong_count_is_an_error_naming_data_classes(image_tree):
     with pytest.raises(ValueError, match=r"data\.classes: \['wolf'\] .*available: \['cat', 'dog', 'fox'\]"):
         ImageFolderDataModule(root=str(image_tree), num_classes=2, channels=3, classes=["cat", "wolf"])

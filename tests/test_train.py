@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
 import platform
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -501,3 +503,69 @@ def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(
     epochs = _finite_checkpoints(run / "checkpoints")
     # every checkpoint is finite (_finite_checkpoints): epoch 1's NaN weights were never saved
     assert epochs["last.ckpt"] == last_epoch
+
+
+def _process_resources() -> tuple[float, int, int]:
+    """(resident MiB, open file descriptors, threads) of this process, from /proc."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    rss = int(status["VmRSS"].split()[0]) / 1024
+    return rss, len(os.listdir("/proc/self/fd")), int(status["Threads"])
+
+
+SOAK_RUNS, SOAK_WARMUP, SOAK_RSS_MIB = 200, 10, 64  # runs; runs before the baseline; allowed RSS growth
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_soak_200_runs_in_one_process_leak_no_memory_files_or_threads(tmp_path):
+    # the default callbacks (checkpoints, learning-curve PNG, confusion matrix, rich progress bar) and a CSV
+    # logger: what holds files, figures and threads; one compose, then each run gets its own seed and folder
+    base = cvarch.compose(*tmp_overrides(tmp_path), "logger=csv", "trainer.max_epochs=1", "data.train_per_class=3",
+                          "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1")  # fmt: skip
+    seen = []
+    for i in range(SOAK_RUNS):
+        cfg = copy.deepcopy(base)
+        cfg.seed, cfg.paths.output_dir = i, str(tmp_path / "runs" / str(i))
+        metrics = cvarch.train(cfg)
+        assert metrics["epochs"] == 1 and metrics["test/acc"] is not None
+        shutil.rmtree(cfg.paths.output_dir)  # disk, not what is measured
+        gc.collect()
+        seen.append(_process_resources())
+    (rss0, fds0, threads0), (rss1, fds1, threads1) = seen[SOAK_WARMUP - 1], seen[-1]
+    peak = max(r for r, _, _ in seen[SOAK_WARMUP - 1 :])
+    report(
+        f"soak: {SOAK_RUNS} runs in one process: RSS {rss0:.0f} -> {rss1:.0f} MiB after run {SOAK_WARMUP} -> "
+        f"{SOAK_RUNS} (peak {peak:.0f}), open files {fds0} -> {fds1}, threads {threads0} -> {threads1}"
+    )
+    assert fds1 <= fds0 and threads1 <= threads0
+    assert rss1 - rss0 < SOAK_RSS_MIB, [round(r) for r, _, _ in seen[::10]]
+
+
+@pytest.mark.slow
+def test_a_joblib_multirun_of_20_jobs_at_2_parallel_gives_20_results_and_resumes_when_killed(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("cvarch-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=range(20)",
+            f"hydra.sweep.dir={sweep}", "logger=none", "trainer.max_epochs=1", "data.train_per_class=3",
+            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", *tmp_overrides(tmp_path))  # fmt: skip
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert sorted(results) == list(range(20))
+    assert all(
+        m["epochs"] == 1 and 0 <= m["test/acc"] <= 1 and m["threads"] == max(1, (os.cpu_count() or 1) // 2)
+        for m in results.values()
+    )
+    assert (
+        len({(m["train/loss"], m["val/acc"]) for m in results.values()}) > 1
+    )  # 20 seeds, not one run 20 times
+    # three jobs "were killed" after their checkpoint: re-running with resume=auto skips the 17 finished jobs
+    # and continues the 3 from their last.ckpt
+    for job in (3, 11, 19):
+        (sweep / str(job) / "metrics.json").unlink()
+    proc = run_cli(*args, "resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
+    assert sorted(again) == list(range(20))
+    resumed = {job for job, m in again.items() if m.get("resumed_from")}
+    assert resumed == {3, 11, 19}
+    assert all(again[job] == results[job] for job in again.keys() - resumed)  # the finished ones untouched

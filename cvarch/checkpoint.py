@@ -1,0 +1,221 @@
+"""Checkpoints that survive a kill and are data, not code: atomic writes, ``weights_only`` loads, the global RNG
+state exact continuation needs, and what ``resume`` / ``ckpt_path=last`` point at."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig
+
+from cvarch.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESUME = (False, True, "auto")
+
+
+def load_checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Any:
+    """``torch.load(path, weights_only=True)``: a checkpoint passed around between people is data, and a file
+    whose unpickling would run code (a ``__reduce__`` payload) is refused before any of it runs.
+
+    Raises:
+        FileNotFoundError: naming ``key`` when there is no file.
+        ValueError: naming ``key`` and the file when it holds anything but tensors and plain containers.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{key}: {path} cannot be loaded with weights_only=True, so it is refused (it holds more than "
+            f"tensors and plain containers: {type(err).__name__}: {str(err).splitlines()[0][:300]})"
+        ) from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with a write that a kill cannot tear, and loads that run no pickled code.
+
+    Lightning 2.6 writes through an fsspec transaction whose temporary file is in the system temp folder; where
+    that is another filesystem than the run directory (a local ``/tmp``, a network home) the final
+    ``shutil.move`` is a copy that truncates the old checkpoint first, and a kill mid-copy leaves neither.
+    Here the bytes go to a hidden file next to the target, are fsynced, and ``os.replace`` swaps it in: the path
+    holds the old checkpoint or the new one, never part of one.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's own transaction
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_save(checkpoint, Path(path))
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` through a same-directory temporary file, fsync and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself reaches the disk
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNGs' state (torch CPU and CUDA, NumPy, Python) in tensors and plain containers, so that
+    ``weights_only`` loads it: dropout, stochastic depth and anything else drawing from the global generators
+    continue a resumed run where it stopped."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },  # fmt: skip
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores :func:`rng_state`'s output."""
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["gauss"],
+        )
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def last_checkpoint(cfg: DictConfig) -> Path:
+    """Where the run writes ``last.ckpt``: the ``last_checkpoint`` callback's folder and file name."""
+    node = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
+    folder = node.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"
+    return Path(folder) / f"{node.get('filename') or 'last'}.ckpt"
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint ``trainer.fit`` continues from: ``ckpt_path`` as given, or with ``resume=true``,
+    ``resume=auto`` or ``ckpt_path=last`` the run directory's ``last.ckpt``.
+
+    Lightning on its own warns and trains from scratch when ``ckpt_path="last"`` finds nothing; a resume that
+    was asked for must not silently start over, so that is an error here (``resume=auto`` starts fresh: for
+    re-running a killed sweep, whose unstarted jobs have no checkpoint yet).
+
+    Raises:
+        ConfigError: an unknown ``resume`` value, or ``resume`` together with a ``ckpt_path``.
+        FileNotFoundError: ``resume=true`` or ``ckpt_path=last`` and no checkpoint in the run directory.
+    """
+    resume, ckpt_path = cfg.get("resume", False), cfg.get("ckpt_path")
+    if resume not in RESUME or isinstance(resume, int) and not isinstance(resume, bool):
+        raise ConfigError(f"resume: expected one of false, true, auto; got {resume!r}")
+    if resume and ckpt_path:
+        raise ConfigError(
+            f"resume={resume} and ckpt_path={ckpt_path} both given: resume continues the run directory's "
+            "last.ckpt, ckpt_path a checkpoint file of your choice; pass one"
+        )
+    if not resume and ckpt_path != "last":
+        return ckpt_path
+    path = last_checkpoint(cfg)
+    if path.is_file():
+        return str(path)
+    if resume == "auto":
+        log.info("resume=auto: no checkpoint at %s yet, so the run starts from scratch", path)
+        return None
+    asked = "ckpt_path=last" if ckpt_path == "last" else "resume=true"
+    raise FileNotFoundError(
+        f"{asked}: no checkpoint at {path}, so there is nothing to resume. Point the run at the killed run's "
+        f"directory with hydra.run.dir=<run dir>{newest_hint(cfg, path)}, or drop {asked} to start a new run"
+    )
+
+
+def newest_hint(cfg: DictConfig, missing: Path) -> str:
+    """``" (newest with a last.ckpt: …)"`` among the runs of this task, or ``""``."""
+    runs = Path(cfg.paths.log_dir) / str(cfg.get("task_name", "train"))
+    candidates = [p for p in runs.glob(f"*/*/{missing.parent.name}/{missing.name}") if p != missing]
+    candidates += [p for p in runs.glob(f"*/*/*/{missing.parent.name}/{missing.name}") if p != missing]
+    if not candidates:
+        return ""
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    return f" (the newest run of task {cfg.get('task_name', 'train')} with one: {newest.parents[1]})"
+
+
+def check_fits(module: torch.nn.Module, ckpt: dict[str, Any], path: str, num_classes: int) -> None:
+    """Refuses, before any training step, a ``ckpt_path`` whose weights do not fit the run's model: a
+    ``num_classes`` that disagrees with the dataset, or another architecture; names the first layers that differ.
+
+    Raises:
+        ValueError: naming ``ckpt_path``, the file and the layers (or ``num_classes``).
+    """
+    theirs = ckpt.get("state_dict")
+    if not isinstance(theirs, dict):
+        raise ValueError(f"ckpt_path: {path} is not a Lightning checkpoint (it has no state_dict)")
+    trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("num_classes")
+    if trained is not None and trained != num_classes:
+        raise ValueError(
+            f"ckpt_path: {path} was trained for {trained} classes but this run's data has {num_classes} "
+            f"(data.num_classes); resume on the dataset it was trained on, or start a new run from its weights "
+            "with transfer.source=<checkpoint>, which replaces the classifier"
+        )
+    own = module.state_dict()
+    wrong = [
+        f"{k} is {list(theirs[k].shape)} in the checkpoint, {list(v.shape)} here"
+        for k, v in own.items()
+        if k in theirs and theirs[k].shape != v.shape
+    ]
+    missing = _layers(k for k in own if k not in theirs)
+    unexpected = _layers(k for k in theirs if k not in own)
+    problems = wrong + [f"{m} missing from the checkpoint" for m in missing]
+    problems += [f"{m} not in this model" for m in unexpected]
+    if problems:
+        raise ValueError(
+            f"ckpt_path: {path} does not fit this run's model ({len(problems)} layers differ: "
+            f"{'; '.join(problems[:4])}{' …' if len(problems) > 4 else ''}); resume with the config it was "
+            "trained with (its run directory's config.yaml)"
+        )
+
+
+def _layers(keys: Any) -> list[str]:
+    """The modules that state-dict keys belong to, in order, once each."""
+    return list(dict.fromkeys(k.rpartition(".")[0] for k in keys))
