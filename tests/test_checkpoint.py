@@ -98,6 +98,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_a_run_never_st
     b = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"] == 4 * steps_per_epoch
     assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert {"preprocess.mean", "preprocess.std"} <= a["state_dict"].keys()  # the fitted statistics travel too
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     momentum_a, momentum_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
@@ -234,6 +235,8 @@ def test_resume_true_continues_the_run_directory_from_its_last_checkpoint(one_ep
     cfg = cvarch.compose(*tmp_overrides(tmp), f"hydra.run.dir={run}", "logger=none",
                          "trainer.max_epochs=2", "data.train_per_class=10", "resume=true")  # fmt: skip
     assert resume_path(cfg) == str(run / "checkpoints" / "last.ckpt")
+    last = cvarch.compose(*tmp_overrides(tmp), f"hydra.run.dir={run}", "ckpt_path=last")
+    assert resume_path(last) == str(run / "checkpoints" / "last.ckpt")  # the same file, Lightning's spelling
     metrics = cvarch.train(cfg)
     assert metrics["epochs"] == 2 and metrics["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torchvision.io import decode_image, write_jpeg
 
 from cvarch import data
 from cvarch.data import (
@@ -568,14 +569,20 @@ def test_an_empty_class_folder_is_an_error_naming_it(image_tree):
         ImageFolderDataModule(root=str(image_tree), num_classes=4, channels=3)
 
 
-def test_a_truncated_image_is_named_by_default_and_skipped_with_a_count_on_request(image_tree, tmp_path):
-    bad = image_tree / "train" / "dog" / "005.png"
-    bad.write_bytes(bad.read_bytes()[:40])  # a truncated file: the header survives, the pixels do not
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_a_truncated_image_is_named_by_default_and_skipped_with_a_count_on_request(image_tree, tmp_path, ext):
+    bad = image_tree / "train" / "dog" / f"005.{ext}"
+    if ext == "jpg":  # a real JPEG in place of the PNG, as in a CIFAR-10 folder
+        png = image_tree / "train" / "dog" / "005.png"
+        write_jpeg(decode_image(str(png)), str(bad))
+        png.unlink()
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # a copy cut short: the header survives, the pixels do not
     common = dict(root=str(image_tree), num_classes=3, channels=3, val_fraction=0.2, test_fraction=0.2)
     with pytest.raises(ValueError, match=f"not a decodable image: {bad}"):
         ImageFolderDataModule(**common, cache_dir=str(tmp_path / "cache")).setup()
     skipping = ImageFolderDataModule(**common, on_corrupt="skip", cache_dir=str(tmp_path / "cache"))
-    with pytest.warns(RuntimeWarning, match=r"data.on_corrupt=skip: skipped 1 of 30 files .*005.png"):
+    with pytest.warns(RuntimeWarning, match=rf"data.on_corrupt=skip: skipped 1 of 30 files .*005.{ext}"):
         skipping.setup()
     assert sum(len(split) for split in skipping.splits.values()) == 29
     with pytest.raises(ValueError, match="data.on_corrupt must be error or skip"):
