@@ -18,8 +18,6 @@ from cvarch.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-RESUME = (False, True, "auto")
-
 
 def load_checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Any:
     """``torch.load(path, weights_only=True)``: a checkpoint passed around between people is data, and a file
@@ -101,7 +99,7 @@ def rng_state() -> dict[str, Any]:
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "gauss": float(gauss),
-        },  # fmt: skip
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -148,7 +146,7 @@ def resume_path(cfg: DictConfig) -> str | None:
         FileNotFoundError: ``resume=true`` or ``ckpt_path=last`` and no checkpoint in the run directory.
     """
     resume, ckpt_path = cfg.get("resume", False), cfg.get("ckpt_path")
-    if resume not in RESUME or isinstance(resume, int) and not isinstance(resume, bool):
+    if not (isinstance(resume, bool) or resume == "auto"):
         raise ConfigError(f"resume: expected one of false, true, auto; got {resume!r}")
     if resume and ckpt_path:
         raise ConfigError(
@@ -173,17 +171,32 @@ def resume_path(cfg: DictConfig) -> str | None:
 def newest_hint(cfg: DictConfig, missing: Path) -> str:
     """``" (newest with a last.ckpt: …)"`` among the runs of this task, or ``""``."""
     runs = Path(cfg.paths.log_dir) / str(cfg.get("task_name", "train"))
-    candidates = [p for p in runs.glob(f"*/*/{missing.parent.name}/{missing.name}") if p != missing]
-    candidates += [p for p in runs.glob(f"*/*/*/{missing.parent.name}/{missing.name}") if p != missing]
+    candidates = [p for p in runs.glob(f"**/{missing.parent.name}/{missing.name}") if p != missing]
     if not candidates:
         return ""
     newest = max(candidates, key=lambda p: p.stat().st_mtime)
     return f" (the newest run of task {cfg.get('task_name', 'train')} with one: {newest.parents[1]})"
 
 
+def check_classes(ckpt: dict[str, Any], path: str | Path, num_classes: int) -> None:
+    """Refuses a checkpoint whose model was trained for another number of classes than the data has.
+
+    Raises:
+        ValueError: naming ``ckpt_path``, the file and both counts.
+    """
+    trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("num_classes")
+    if trained is not None and trained != num_classes:
+        raise ValueError(
+            f"ckpt_path: {path} was trained for {trained} classes but this run's data has {num_classes} "
+            f"(data.num_classes); use the dataset it was trained on, or start a new run from its weights "
+            "with transfer.source=<checkpoint>, which replaces the classifier"
+        )
+
+
 def check_fits(module: torch.nn.Module, ckpt: dict[str, Any], path: str, num_classes: int) -> None:
     """Refuses, before any training step, a ``ckpt_path`` whose weights do not fit the run's model: a
-    ``num_classes`` that disagrees with the dataset, or another architecture; names the first layers that differ.
+    ``num_classes`` that disagrees with the dataset (:func:`check_classes`), or another architecture; names the
+    first layers that differ.
 
     Raises:
         ValueError: naming ``ckpt_path``, the file and the layers (or ``num_classes``).
@@ -191,13 +204,7 @@ def check_fits(module: torch.nn.Module, ckpt: dict[str, Any], path: str, num_cla
     theirs = ckpt.get("state_dict")
     if not isinstance(theirs, dict):
         raise ValueError(f"ckpt_path: {path} is not a Lightning checkpoint (it has no state_dict)")
-    trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("num_classes")
-    if trained is not None and trained != num_classes:
-        raise ValueError(
-            f"ckpt_path: {path} was trained for {trained} classes but this run's data has {num_classes} "
-            f"(data.num_classes); resume on the dataset it was trained on, or start a new run from its weights "
-            "with transfer.source=<checkpoint>, which replaces the classifier"
-        )
+    check_classes(ckpt, path, num_classes)
     own = module.state_dict()
     wrong = [
         f"{k} is {list(theirs[k].shape)} in the checkpoint, {list(v.shape)} here"

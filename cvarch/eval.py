@@ -16,7 +16,7 @@ from cvarch.build import (
     build_module,
     instantiate,
 )
-from cvarch.checkpoint import load_checkpoint_file
+from cvarch.checkpoint import check_classes, load_checkpoint_file
 from cvarch.config import CONFIG_DIR
 from cvarch.module import ClassificationModule
 from cvarch.train import write_metrics
@@ -72,11 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = OmegaConf.create(
         OmegaConf.to_container(cfg.data if cfg.get("data") else run_cfg.data, resolve=True)
     )
-    if data_cfg.num_classes != run_cfg.model.num_classes:
-        raise ValueError(
-            f"data.num_classes={data_cfg.num_classes} but the checkpoint's model has "
-            f"{run_cfg.model.num_classes} outputs"
-        )
+    check_classes(ckpt, cfg.ckpt_path, data_cfg.num_classes)
     datamodule = build_datamodule(OmegaConf.create({"data": data_cfg}))
     datamodule.setup("test")
     module = load_module(ckpt, run_cfg, datamodule.image_shape, tta=cfg.get("tta"))

@@ -51,3 +51,16 @@ def test_a_checkpoint_whose_unpickling_would_run_code_is_refused_and_nothing_run
     proc = run_cli("cvarch-eval", f"ckpt_path={path}", f"paths.log_dir={tmp_path}")
     assert proc.returncode != 0 and "cannot be loaded with weights_only=True" in proc.stderr
     assert not marker.exists()
+
+
+def test_eval_on_data_with_another_number_of_classes_is_refused_naming_both(tmp_path):
+    import cvarch
+    from cvarch.eval import evaluate
+
+    run = tmp_path / "run"
+    cvarch.train(cvarch.compose(f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path}/cache", "logger=none",
+                                "trainer.max_epochs=1", "data.train_per_class=3"))  # fmt: skip
+    cfg = cvarch.compose(f"ckpt_path={run}/checkpoints/last.ckpt", "data=fake", "data.num_classes=4",
+                         f"paths.log_dir={tmp_path}", config_name="eval")  # fmt: skip
+    with pytest.raises(ValueError, match=r"last.ckpt was trained for 10 classes but this run's data has 4"):
+        evaluate(cfg)
