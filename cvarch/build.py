@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -12,14 +13,16 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.utils import get_object
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
+from torch.func import functional_call
 
 from cvarch.augment import Augment
-from cvarch.config import check_targets, model_parts, optimizer_parts, scheduler_parts
+from cvarch.config import model_parts, optimizer_parts, scheduler_parts
 from cvarch.data import ImageDataModule
 from cvarch.models import check_input_size
 from cvarch.module import ClassificationModule
@@ -31,8 +34,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, but an error raised by cvarch's own code (whose message already names its
-    config key) comes out as itself, not wrapped in Hydra's InstantiationException."""
-    check_targets(node)  # before anything is imported or called
+    config key) comes out as itself, not wrapped in Hydra's InstantiationException.
+
+    The node is trusted, as in any Hydra app: it comes from the user's command line, config files or Python, or
+    from a received file that :func:`cvarch.config.check_received` has let through."""
     try:
         return hydra_instantiate(node, *args, **kwargs)
     except InstantiationException as err:
@@ -72,11 +77,12 @@ def build_model(
         batch: a preprocessed training batch, for data-driven init schemes (LSUV, Mishkin & Matas 2016).
         transfer: the run's transfer strategy, if already built (its source is loaded once).
     """
-    model = instantiate_model(cfg.model)
+    model = instantiate_model(cfg.model, num_classes=cfg.data.num_classes)
     if image_shape is None and cfg.data.get("image_size"):
         image_shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     if image_shape is not None:
         check_input_size(model, image_shape)
+        check_head(model, image_shape, cfg.data.num_classes)
     if initialize:
         init = instantiate(cfg.init)
         model = init(model, batch=batch) if batch is not None else init(model)
@@ -85,10 +91,55 @@ def build_model(
     return fast_path(model, **model_parts(cfg.model)[1])
 
 
-def instantiate_model(node: DictConfig | Mapping[str, Any]) -> nn.Module:
-    """The network of a ``model`` node alone: its constructor gets every key but the fast-path options."""
+def instantiate_model(node: DictConfig | Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
+    """The network of a ``model`` node alone: its constructor gets every key but the fast-path options.
+
+    Args:
+        node: the ``model`` node.
+        num_classes: the dataset's class count, passed as ``num_classes`` only where the node has none and the
+            constructor takes one; a plain ``torch.nn`` module (``torch.nn.Sequential``) sizes its own head,
+            which :func:`check_head` then checks against the dataset.
+    """
     plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    return instantiate(model_parts(plain)[0])
+    plain = model_parts(plain)[0]
+    if (
+        num_classes is not None
+        and "num_classes" not in plain
+        and _takes(plain.get("_target_"), "num_classes")
+    ):
+        plain["num_classes"] = num_classes
+    return instantiate(plain)
+
+
+def _takes(target: Any, name: str) -> bool:
+    """Whether the callable ``target`` names has a parameter ``name`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except Exception:
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def check_head(model: nn.Module, image_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Checks that the model's logits are as wide as the dataset has classes, on a meta-device probe (no memory,
+    no FLOP). Only a 2-D output is checked: a building block such as ``inception_module`` returns feature maps.
+
+    Raises:
+        ValueError: naming ``model``, the output width and ``data.num_classes``.
+    """
+    tensors = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+    was_training = model.training
+    model.eval()
+    try:
+        out = functional_call(model, tensors, (torch.empty(1, *image_shape, device="meta"),), strict=False)
+    finally:
+        model.train(was_training)
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    if isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] != num_classes:
+        raise ValueError(
+            f"model: {type(model).__name__} outputs {logits.shape[1]} logits but data.num_classes={num_classes}; "
+            "size the model's head to the dataset (model.num_classes, or its last layer's out_features)"
+        )
 
 
 def fast_path(model: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:
@@ -111,6 +162,28 @@ def fast_path(model: nn.Module, channels_last: bool = False, compile: bool = Fal
     if compile:
         model.compile()
     return model
+
+
+def build_from_checkpoint(
+    ckpt: dict[str, Any],
+    run_cfg: DictConfig,
+    image_shape: tuple[int, int, int],
+    tta: DictConfig | None = None,
+) -> ClassificationModule:
+    """Rebuilds a checkpoint's module (model, fitted preprocess, norm statistics) for images of ``image_shape``.
+
+    Args:
+        ckpt: the loaded checkpoint (:func:`cvarch.checkpoint.load_trained`, which has checked ``run_cfg``).
+        run_cfg: the run config saved in it.
+        image_shape: (C, H, W) of the evaluation images; the model sees the training crop of them.
+        tta: a ``tta`` group node; ``None`` keeps the run's own.
+    """
+    augment = build_augment(run_cfg)
+    model = build_model(run_cfg, image_shape=augment.output_shape(image_shape), initialize=False)
+    module = build_module(run_cfg, model, augment=augment, tta=tta)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.set_image_size(image_shape[-1])
+    return module
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
@@ -152,7 +225,7 @@ def build_module(
     tta = tta if tta is not None else cfg.get("tta")
     return ClassificationModule(
         model=model,
-        num_classes=cfg.model.num_classes,
+        num_classes=cfg.model.get("num_classes") or cfg.data.num_classes,
         optimizer=instantiate(optimizer),
         scheduler=instantiate(scheduler) if scheduler else None,
         scheduler_options=lightning,

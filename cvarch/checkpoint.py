@@ -1,20 +1,23 @@
-"""Checkpoints that survive a kill and are data, not code: atomic writes, ``weights_only`` loads, the global RNG
-state exact continuation needs, and what ``resume`` / ``ckpt_path=last`` point at."""
+"""Checkpoints that survive a kill and are data, not code: atomic writes, ``weights_only`` loads, received run
+configs checked before anything is built from them, the global RNG state exact continuation needs, and what
+``resume`` / ``ckpt_path=last`` point at."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cvarch.config import ConfigError
+from cvarch.config import ConfigError, check_received
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,42 @@ def load_checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Any:
             f"{key}: {path} cannot be loaded with weights_only=True, so it is refused (it holds more than "
             f"tensors and plain containers: {type(err).__name__}: {str(err).splitlines()[0][:300]})"
         ) from None
+
+
+def load_trained(
+    path: str | Path, trust: Sequence[str] | None = (), key: str = "ckpt_path"
+) -> tuple[dict[str, Any], DictConfig]:
+    """Loads a checkpoint written by ``cvarch-train`` and the run config saved in it, which is checked as a
+    received file (:func:`cvarch.config.check_received`) before anything is built from it. ``cvarch-eval``,
+    ``cvarch-ensemble`` and the transfer source all load through here.
+
+    Args:
+        path: the ``.ckpt`` file.
+        trust: the live invocation's ``trust`` packages (a ``trust`` key saved in the checkpoint is ignored).
+        key: the config key that named the file, for messages.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`load_checkpoint_file`; a checkpoint without a run config.
+        ConfigError: a ``_target_`` of the saved config is outside the trusted set.
+    """
+    path = Path(path).expanduser()
+    ckpt = load_checkpoint_file(path, key)
+    if not isinstance(ckpt, dict) or "model" not in (ckpt.get("hyper_parameters") or {}):
+        raise ValueError(
+            f"{key}: {path} was not written by cvarch-train (no run config in its hyperparameters)"
+        )
+    check_received(ckpt["hyper_parameters"], f"{key}: {path}", trust)
+    return ckpt, OmegaConf.create(ckpt["hyper_parameters"])
+
+
+def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
+    """Writes ``metrics.json`` to the run directory (atomically: a kill mid-write leaves no half file, so a
+    present ``metrics.json`` means a finished run) and returns its path."""
+    path = Path(output_dir) / "metrics.json"
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -184,7 +223,8 @@ def check_classes(ckpt: dict[str, Any], path: str | Path, num_classes: int) -> N
     Raises:
         ValueError: naming ``ckpt_path``, the file and both counts.
     """
-    trained = ((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("num_classes")
+    saved = ckpt.get("hyper_parameters") or {}  # a model without num_classes was sized to its data
+    trained = (saved.get("model") or {}).get("num_classes") or (saved.get("data") or {}).get("num_classes")
     if trained is not None and trained != num_classes:
         raise ValueError(
             f"ckpt_path: {path} was trained for {trained} classes but this run's data has {num_classes} "

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
+from hydra import initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The configs ship inside the package as cvarch.conf (pyproject.toml maps it to the repository's conf/ folder), so
+# an installed wheel finds them as an editable install does.
+CONFIG_MODULE = "cvarch.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # config_path of every console script's @hydra.main
+CONFIG_DIR = str(files(CONFIG_MODULE))  # the same folder on disk, for code and tests that list its YAML files
 
 
 class ConfigError(ValueError):
@@ -30,7 +37,7 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
         *overrides: Hydra overrides, e.g. ``"model=resnet20"``, ``"optimizer.lr=0.05"``.
         config_name: root config (``train`` or ``eval``).
     """
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name=f"cvarch_{config_name}"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3", job_name=f"cvarch_{config_name}"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     # Hydra sets runtime.output_dir when it runs a job; do what it would do, then drop the hydra node as the
     # CLI's job config does. The output dir is resolved now so later compose() calls cannot change it.
@@ -134,65 +141,173 @@ def _check(node: Any, path: str, errors: list[str]) -> None:
             _check(value, f"{path}.{key}" if path else str(key), errors)
 
 
-# the packages whose objects a config may build: a config (or a checkpoint's saved config) from someone else
-# must not be able to run os.system, subprocess.run or any other callable through hydra's instantiate
-ALLOWED_TARGETS = ("cvarch.", "torch.", "torchvision.", "torchmetrics.", "pytorch_lightning.", "lightning.")
+# --- the trust boundary ---------------------------------------------------------------------------------------
+# What the user runs (command line, their config files, their Python) is trusted, as in any Hydra app: a config is
+# code. What they received (a checkpoint's saved config, a run folder's config.yaml, a transfer source) is data:
+# from it cvarch builds only the exact targets of its own packaged configs (and of installed cvarch plugins), plus
+# those of the packages the user names with ``trust=[pkg]`` on the command line. Matching is on exact names, not
+# on a prefix such as ``torch.``: torch has callables that load or run code (``torch.hub.load``, ``torch.load``,
+# ``torch.jit.load``, ``torch._inductor.codecache.PyCodeCache.load``, ``torch.utils.cpp_extension.load_inline``).
+
+_PACKAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
-def target_error(target: str, where: str) -> str | None:
-    """Why ``target`` may not be built, or ``None``. The name must start with an allowed package (checked
-    before anything is imported), and the object it resolves to must be defined in one, so an alias through an
-    allowed module (``torch.os.system``, ``cvarch.config.inspect.os.system``) is refused as well."""
-    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGETS):
-        return (
-            f"{where}: {target!r} is not allowed; configs may only build objects of "
-            f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGETS)}"
-        )
+def _targets_in(node: Any) -> Iterator[str]:
+    """Every ``_target_`` string in a parsed YAML tree."""
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield node["_target_"]
+        for value in node.values():
+            yield from _targets_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _targets_in(item)
+
+
+def _yaml_files(root: Any) -> Iterator[Any]:
+    """The ``.yaml`` files under an ``importlib.resources`` traversable, recursively."""
+    for entry in root.iterdir():
+        if entry.is_dir():
+            yield from _yaml_files(entry)
+        elif entry.name.endswith(".yaml"):
+            yield entry
+
+
+@functools.cache
+def packaged_targets() -> frozenset[str]:
+    """The exact ``_target_`` names that cvarch's packaged configs, and the installed plugins' configs, build."""
+    from importlib.resources import files
+
+    import yaml
+
+    from cvarch.plugins import plugin_config_modules
+
+    roots: list[Any] = [Path(CONFIG_DIR)]
+    for module in plugin_config_modules():
+        try:
+            roots.append(files(module))
+        except (ModuleNotFoundError, TypeError):  # a plugin without configs
+            continue
+    targets: set[str] = set()
+    for root in roots:
+        for path in _yaml_files(root):
+            targets.update(_targets_in(yaml.safe_load(path.read_text())))
+    return frozenset(targets)
+
+
+@functools.cache
+def torch_classes() -> frozenset[str]:
+    """The explicit module sets a received config may also build: torch's layer classes (``torch.nn.<Layer>``,
+    from ``torch.nn.modules.__all__``: a plain ``torch.nn.Sequential`` model), optimizers (``torch.optim``) and
+    lr schedulers (``torch.optim.lr_scheduler``). Constructors that only allocate; no loader is among them."""
+    import torch.nn.modules
+    import torch.optim.lr_scheduler
+
+    sets = {
+        "torch.nn": torch.nn.modules,
+        "torch.optim": torch.optim,
+        "torch.optim.lr_scheduler": torch.optim.lr_scheduler,
+    }
+    return frozenset(
+        f"{prefix}.{name}"
+        for prefix, module in sets.items()
+        for name in module.__all__
+        if inspect.isclass(getattr(module, name))
+    )
+
+
+def trusted_packages(trust: Sequence[str] | None = ()) -> tuple[str, ...]:
+    """The packages whose objects a received file may build: those the user named in ``trust`` and the installed
+    cvarch plugins' packages.
+
+    Raises:
+        ConfigError: naming ``trust`` when an entry is not a dotted package name.
+    """
+    from cvarch.plugins import plugin_packages
+
+    if isinstance(trust, str):
+        trust = [trust]
+    named = [str(t) for t in (trust or [])]
+    wrong = [t for t in named if not _PACKAGE_NAME.fullmatch(t)]
+    if wrong:
+        raise ConfigError(f"trust: {wrong} are not package names; expected e.g. trust=[mylab]")
+    return tuple(dict.fromkeys([*named, *plugin_packages()]))
+
+
+def _in_packages(name: str, packages: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def received_target_error(target: Any, where: str, source: str, packages: Sequence[str]) -> str | None:
+    """Why a received file may not build ``target``, or ``None``. A target of a trusted package must also resolve
+    to an object defined in one (an alias such as ``mylab.os.system`` is refused); an exact packaged target is
+    never imported here; see :func:`torch_classes` for the torch classes."""
+    if isinstance(target, str) and (target in packaged_targets() or target in torch_classes()):
+        return None
+    top = str(target).split(".")[0]
+    refusal = (
+        f"{source}: {where}: {target!r} is not allowed. A received file (checkpoint, run folder, transfer source) "
+        "is data: cvarch builds from it only the targets of its own configs and installed cvarch plugins"
+    )
+    if not isinstance(target, str) or not _in_packages(target, packages):
+        return f"{refusal}. If you trust the package {top!r}, name it on the command line: trust=[{top}]"
     try:
         obj = get_object(target)
     except Exception as err:
-        return f"{where}: cannot import {target!r} ({err})"
+        return f"{source}: {where}: cannot import {target!r} ({err})"
     module = getattr(obj, "__module__", None) or ""
-    if isinstance(obj, types.ModuleType) or not (module + ".").startswith(ALLOWED_TARGETS):
+    if isinstance(obj, types.ModuleType) or not _in_packages(module, packages):
         return (
-            f"{where}: {target!r} is an alias of {module or type(obj).__name__}."
-            f"{getattr(obj, '__name__', '')}, which is not allowed; configs may only build objects of "
-            f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGETS)}"
+            f"{refusal}; {target!r} is an alias of {module or type(obj).__name__}."
+            f"{getattr(obj, '__name__', '')}, outside the trusted packages {list(packages)}"
         )
     return None
 
 
-def check_targets(node: Any, path: str = "") -> None:
-    """Refuses any ``_target_`` in ``node`` (a config, dict or list, nested) outside :data:`ALLOWED_TARGETS`.
+def check_received(node: Any, source: str, trust: Sequence[str] | None = ()) -> None:
+    """Refuses a received config (a checkpoint's saved config, a run folder's ``config.yaml``, a transfer
+    source's config) if any ``_target_`` in it, anywhere (``hydra.callbacks`` included), is outside
+    :func:`packaged_targets` and the ``trust`` packages. Nothing is imported or called before the whole tree
+    passes. A ``trust`` key inside the received config is ignored: only the live invocation's counts.
+
+    Args:
+        node: the received config (DictConfig, dict or list).
+        source: what it came from, for the message (``ckpt_path: <file>``).
+        trust: the live invocation's ``trust`` list.
 
     Raises:
-        ConfigError: naming the dotted key and the target.
+        ConfigError: naming the source, the dotted key and the target, and how to trust its package.
     """
     if isinstance(node, DictConfig):
         node = OmegaConf.to_container(node, resolve=False)
-    if isinstance(node, list):
-        for i, item in enumerate(node):
-            check_targets(item, f"{path}[{i}]")
-        return
-    if not isinstance(node, dict):
-        return
-    if "_target_" in node:
-        error = target_error(node["_target_"], f"{path}._target_" if path else "_target_")
+    packages = trusted_packages(trust)
+    for where, target in _target_keys(node, ""):
+        error = received_target_error(target, where, source, packages)
         if error:
             raise ConfigError(error)
-    for key, value in node.items():
-        if key != "_target_":
-            check_targets(value, f"{path}.{key}" if path else str(key))
+
+
+def _target_keys(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+    """``(dotted key, target)`` of every ``_target_`` in a plain config tree."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _target_keys(item, f"{path}[{i}]")
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                yield dotted, value
+            else:
+                yield from _target_keys(value, dotted)
 
 
 def _check_call(node: dict, path: str, errors: list[str]) -> None:
     target = node["_target_"]
-    where = f"{path}._target_" if path else "_target_"
-    error = target_error(target, where)
-    if error:
-        errors.append(error)
+    try:  # the live config is trusted: its targets are imported, then checked against their signatures
+        obj = get_object(target)
+    except Exception as err:
+        errors.append(f"{path}._target_: cannot import {target!r} ({err})" if path else f"_target_: {err}")
         return
-    obj = get_object(target)
     params, hints, takes_kwargs = _signature(obj)
     if params is None:
         return

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms.v2 import functional as TF
 
+SPLITS = ("test", "val", "train")  # the splits every data module has; what cvarch-eval and cvarch-ensemble score
 CACHE_VERSION = 1  # bump when the cached layout changes, so old caches are ignored
 # streamed image folders fit the preprocess and augment statistics on this many training images: the channel
 # mean and std of CIFAR-10 from 10,000 images are within 0.002 of the full 50,000's
@@ -61,11 +61,11 @@ class FileSplit:
     """One split of an image folder that is streamed from disk rather than held in memory.
 
     Args:
-        files: image files, in label order.
+        files: paths of the image files, in label order.
         targets: int64 tensor (N,).
     """
 
-    files: list[Path]
+    files: list[str]
     targets: torch.Tensor
 
     def subset(self, index: np.ndarray | torch.Tensor) -> FileSplit:
@@ -192,6 +192,10 @@ def available_memory(device: torch.device) -> int:
 
 def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(keep, held_out)`` with ``held_out`` a stratified ``fraction`` of ``targets``."""
+    # imported here, not at the top: scikit-learn costs a quarter of a second at every start that splits nothing
+    # (a cache hit); its split itself is kept, since another one would change every recorded split
+    from sklearn.model_selection import train_test_split
+
     index = np.arange(len(targets))
     keep, held = train_test_split(index, test_size=fraction, stratify=targets.numpy(), random_state=seed)
     return np.sort(keep), np.sort(held)
@@ -558,7 +562,7 @@ class CIFARDataModule(ImageDataModule):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
-def decode_image_file(path: Path, channels: int, size: int | None) -> torch.Tensor:
+def decode_image_file(path: str | Path, channels: int, size: int | None) -> torch.Tensor:
     """Decodes one image file to uint8 (C, H, W), resized to ``size`` if given.
 
     Raises:
@@ -586,7 +590,7 @@ def decode_image_file(path: Path, channels: int, size: int | None) -> torch.Tens
 
 
 def decode_files(
-    files: Sequence[tuple[Path, int]], channels: int, size: int | None, skip_corrupt: bool = False
+    files: Sequence[tuple[str | Path, int]], channels: int, size: int | None, skip_corrupt: bool = False
 ) -> Split:
     """Decodes ``(file, label)`` pairs, in threads, into one in-memory :class:`Split`.
 
@@ -602,7 +606,7 @@ def decode_files(
             and ``size`` is ``None``.
     """
 
-    def decode(item: tuple[Path, int]) -> torch.Tensor | ValueError:
+    def decode(item: tuple[str | Path, int]) -> torch.Tensor | ValueError:
         try:
             return decode_image_file(item[0], channels, size)
         except ValueError as err:
@@ -632,19 +636,19 @@ def decode_files(
     return Split(torch.stack(images), torch.tensor([label for _, label in files], dtype=torch.long))
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Every non-hidden file below ``folder``, recursively, sorted as ``Path`` objects sort (by their parts).
+def _files_under(folder: Path) -> list[str]:
+    """Every non-hidden file below ``folder``, recursively, as path strings sorted as ``Path`` objects sort (by
+    their parts).
 
-    ``os.walk`` reads the file types from the directory entries and the sort compares tuples of strings, so
-    the 50,000 CIFAR-10 files take 0.15 s (``sorted(Path.rglob)`` with ``is_file``: 1 s, a ``stat`` each).
+    ``os.walk`` reads the file types from the directory entries, the sort compares tuples of strings, and the
+    paths stay strings (a ``Path`` each would cost 10× the walk: 50,000 CIFAR-10 files take 0.1 s, not 1 s).
     """
     entries = []
     for top, _, names in os.walk(folder):
-        base = Path(top)
-        parts = base.relative_to(folder).parts
-        entries += [((*parts, name), base, name) for name in names if not name.startswith(".")]
+        parts = Path(top).relative_to(folder).parts
+        entries += [((*parts, name), top, name) for name in names if not name.startswith(".")]
     entries.sort(key=lambda entry: entry[0])
-    return [base / name for _, base, name in entries]
+    return [os.path.join(top, name) for _, top, name in entries]
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -745,7 +749,7 @@ class ImageFolderDataModule(ImageDataModule):
             width = height = self.image_size
         return self.channels * width * height * sum(len(files) for files in self._files.values())
 
-    def _scan(self, split: str) -> list[tuple[Path, int]]:
+    def _scan(self, split: str) -> list[tuple[str, int]]:
         """``(file, label)`` pairs of one split folder; hidden files are skipped, every other file counts."""
         folder = self.root / split
         unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in self._folders)
@@ -774,9 +778,8 @@ class ImageFolderDataModule(ImageDataModule):
         root = len(str(self.root)) + 1
         for split, files in self._files.items():
             for path, label in files:
-                name = str(path)
-                st = os.stat(name)
-                h.update(f"{split}|{name[root:]}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                st = os.stat(path)
+                h.update(f"{split}|{path[root:]}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
     def load_splits(self) -> dict[str, Split]:

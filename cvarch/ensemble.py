@@ -20,9 +20,10 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cvarch.build import build_datamodule
-from cvarch.config import CONFIG_DIR
-from cvarch.eval import SPLITS, load_checkpoint, load_module
+from cvarch.build import build_datamodule, build_from_checkpoint
+from cvarch.checkpoint import check_classes, load_trained
+from cvarch.config import CONFIG_PATH, check_received
+from cvarch.data import SPLITS
 
 
 def run_dirs(runs: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -78,6 +79,7 @@ def predict(
     data: DictConfig | None = None,
     tta: DictConfig | None = None,
     device: str | torch.device = "cpu",
+    trust: Sequence[str] | None = (),
 ) -> tuple[torch.Tensor, torch.Tensor, DictConfig]:
     """Class probabilities of one checkpoint on one split.
 
@@ -87,15 +89,17 @@ def predict(
         data: a ``data`` group node to evaluate on instead of the run's own.
         tta: a ``tta`` group node; ``None`` keeps the run's own test-time views.
         device: where the model runs.
+        trust: the live invocation's ``trust`` packages (see :func:`cvarch.checkpoint.load_trained`).
 
     Returns:
         ``(probabilities (N, K), targets (N,), the data config used)``.
     """
-    ckpt, run_cfg = load_checkpoint(ckpt_path)
+    ckpt, run_cfg = load_trained(ckpt_path, trust, key="runs")
     data_cfg = OmegaConf.create(OmegaConf.to_container(data if data else run_cfg.data, resolve=True))
+    check_classes(ckpt, ckpt_path, data_cfg.num_classes)
     datamodule = build_datamodule(OmegaConf.create({"data": data_cfg}))
     datamodule.setup("test")
-    module = load_module(ckpt, run_cfg, datamodule.image_shape, tta=tta).to(device).eval()
+    module = build_from_checkpoint(ckpt, run_cfg, datamodule.image_shape, tta=tta).to(device).eval()
     probs, targets = [], []
     for x, y in datamodule.dataloader(split):
         x = x.to(device)
@@ -116,6 +120,7 @@ def ensemble(
     tta: DictConfig | None = None,
     data: DictConfig | None = None,
     device: str | None = None,
+    trust: Sequence[str] | None = (),
 ) -> dict[str, Any]:
     """Evaluates each run's best checkpoint and the mean of their softmax outputs on one split.
 
@@ -125,6 +130,8 @@ def ensemble(
         tta: a ``tta`` group node applied to every member; ``None`` keeps each run's own.
         data: a ``data`` group node to evaluate on instead of the runs' own.
         device: ``cuda`` or ``cpu``; by default CUDA when available.
+        trust: packages whose targets the runs' configs may build beyond cvarch's own (a run folder someone
+            sent you is data: its ``config.yaml`` and checkpoint configs are checked before anything is built).
 
     Returns:
         ``{"members": [{run, ckpt, acc, acc_top5}], "ensemble": {acc, acc_top5}, "mean_member": {…},
@@ -139,8 +146,12 @@ def ensemble(
     dirs = run_dirs(runs)
     members, total, targets = [], None, None
     for run in dirs:
+        if (
+            run / "config.yaml"
+        ).is_file():  # what the folder says it ran: refused like the checkpoint's config
+            check_received(OmegaConf.load(run / "config.yaml"), f"runs: {run / 'config.yaml'}", trust)
         ckpt = best_checkpoint(run)
-        probs, y, _ = predict(ckpt, split, data=data, tta=tta, device=device)
+        probs, y, _ = predict(ckpt, split, data=data, tta=tta, device=device, trust=trust)
         if targets is None:
             targets = y
         elif not torch.equal(y, targets):
@@ -188,7 +199,14 @@ def table(report: dict[str, Any]) -> str:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """``cvarch-ensemble`` as a function: ensembles ``cfg.runs``, writes ``ensemble.json`` and prints the table."""
     start = time.perf_counter()
-    report = ensemble(cfg.runs, split=cfg.split, tta=cfg.get("tta"), data=cfg.get("data"), device=cfg.device)
+    report = ensemble(
+        cfg.runs,
+        split=cfg.split,
+        tta=cfg.get("tta"),
+        data=cfg.get("data"),
+        device=cfg.device,
+        trust=cfg.get("trust"),
+    )
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     report["wall_s"] = round(time.perf_counter() - start, 2)
@@ -211,13 +229,13 @@ class EnsembleCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        report = ensemble(sweep_dir, split=self.split)
+        report = ensemble(sweep_dir, split=self.split, trust=config.get("trust"))
         (sweep_dir / "ensemble.json").write_text(json.dumps(report, indent=2) + "\n")
         print(table(report))
         print(sweep_dir)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="ensemble")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="ensemble")
 def main(cfg: DictConfig) -> None:
     """``cvarch-ensemble runs=…``; the last line printed is the output directory (with ensemble.json)."""
     report = run(cfg)

@@ -28,9 +28,9 @@ from cvarch.build import (
     instantiate,
     start_loggers,
 )
-from cvarch.checkpoint import check_fits, load_checkpoint_file, resume_path
-from cvarch.compare import count_macs
-from cvarch.config import CONFIG_DIR, ConfigError, validate
+from cvarch.checkpoint import check_fits, load_checkpoint_file, resume_path, write_metrics
+from cvarch.config import CONFIG_PATH, ConfigError, validate
+from cvarch.cost import count_macs
 from cvarch.tta import TestTimeAugment
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,6 @@ METRIC_KEYS = (
     "test/acc_tta_top5",
 )
 STAGE_METRIC = re.compile(r"(val|test)/acc_stage\d+")  # transfer=stage_probes: one accuracy per stage
-
-
-def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
-    """Writes ``metrics.json`` to the run directory (atomically: a kill mid-write leaves no half file, so a
-    present ``metrics.json`` means a finished run) and returns its path."""
-    path = Path(output_dir) / "metrics.json"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def finished_run(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
@@ -73,8 +63,9 @@ def finished_run(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def _job_config(cfg: DictConfig) -> str:
-    """The config as a sweep job is identified: how it was (re)started (``resume``, ``ckpt_path``) left out."""
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("resume", "ckpt_path")])
+    """The config as a sweep job is identified: how it was (re)started (``resume``, ``ckpt_path``) and what the
+    invocation trusted (``trust``) left out."""
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("resume", "ckpt_path", "trust")])
     return OmegaConf.to_yaml(job)
 
 
@@ -270,7 +261,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float:
     """``cvarch-train [overrides]``; the last line printed is the run directory."""
     metrics = train(cfg)

@@ -37,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.func import functional_call
 
-from cvarch.config import check_targets, model_parts
+from cvarch.checkpoint import load_checkpoint_file
+from cvarch.config import check_received, model_parts
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Source:
         state: the model's state dict (keys as in the model, no ``model.`` prefix).
         name: where it came from, for messages.
         num_classes: the source's class count, from its head (or its run config).
-        run_config: a cvarch source's run config (its ``model`` and ``preprocess`` nodes are adopted).
+        run_config: a cvarch source's run config (its ``model`` and ``preprocess`` nodes are adopted, once
+            :meth:`Transfer.adopt` has checked it as a received file).
         preprocess: the fitted preprocess module's state (cvarch source) or ImageNet statistics (torchvision).
         preprocess_node: the ``preprocess`` config node that ``preprocess`` is the state of.
     """
@@ -149,10 +151,13 @@ class Transfer:
         source = self.loaded_source()
         if source is None:
             return None
+        if source.run_config is not None:  # someone else's file: only trusted targets come into the run
+            check_received(source.run_config, f"transfer.source: {source.name}", cfg.get("trust"))
         with open_dict(cfg):
             if source.run_config is not None and self.use_source_model:
                 model = OmegaConf.to_container(source.run_config.model, resolve=True)
-                model["num_classes"] = int(cfg.data.num_classes)
+                if "num_classes" in model:  # a plain torch.nn source sizes its own head: see head_keys
+                    model["num_classes"] = int(cfg.data.num_classes)
                 model.update(model_parts(cfg.model)[1])  # channels_last, compile: the run's own choice
                 channels = model.get("in_channels", cfg.data.channels)
                 if channels != cfg.data.channels:
@@ -250,7 +255,6 @@ def _state_shapes(model_cfg: DictConfig | Mapping[str, Any], num_classes: int) -
         OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
     )
     node["num_classes"] = num_classes
-    check_targets(node)  # a source checkpoint's model config is someone else's file
     with torch.device("meta"):
         model = instantiate(node)
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -450,13 +454,7 @@ def load_source(source: str, arch: str | None = None, download: bool = True) -> 
 
 
 def _load_file(path: Path) -> Source:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"transfer.source: {path} cannot be loaded with weights_only=True ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:300]})"
-        ) from None
+    blob = load_checkpoint_file(path, key="transfer.source")
     if not isinstance(blob, dict):
         raise ValueError(
             f"transfer.source: {path} holds a {type(blob).__name__}, not a checkpoint or state dict"
@@ -467,7 +465,7 @@ def _load_file(path: Path) -> Source:
         return Source(
             state={k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")},
             name=str(path),
-            num_classes=int(run_cfg.model.num_classes),
+            num_classes=int(run_cfg.model.get("num_classes") or run_cfg.data.num_classes),
             run_config=run_cfg,
             preprocess={
                 k.removeprefix("preprocess."): v for k, v in state.items() if k.startswith("preprocess.")

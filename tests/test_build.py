@@ -13,9 +13,17 @@ from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.loggers import CSVLogger
 
 import cvarch
-from cvarch.build import build_model, build_module, build_trainer, sweep_identity, swept_keys
+from cvarch.build import (
+    build_from_checkpoint,
+    build_model,
+    build_module,
+    build_trainer,
+    sweep_identity,
+    swept_keys,
+)
+from cvarch.checkpoint import load_trained
 from cvarch.config import CONFIG_DIR, MODEL_OPTIONS, validate
-from cvarch.eval import evaluate, load_checkpoint, load_module
+from cvarch.eval import evaluate
 from cvarch.models.resnet import ResNet
 from tests.conftest import DEVICES, report, tmp_overrides
 
@@ -140,10 +148,12 @@ def test_compile_on_the_cpu_follows_the_fp32_loss_curve_and_its_checkpoint_loads
 ):
     curve, metrics = _loss_curve(compose_tmp(*FAST_RUN, "model.compile=true"))
     _assert_follows(curve, eager_fp32, FP32_FIRST_STEP, "model.compile=true (CPU, Inductor)")
-    ckpt, run_cfg = load_checkpoint(metrics["best_ckpt"])
+    ckpt, run_cfg = load_trained(metrics["best_ckpt"])
     assert run_cfg.model.compile is True
     assert not [k for k in ckpt["state_dict"] if "_orig_mod" in k]  # no torch.compile wrapper in the keys
-    load_module(ckpt, run_cfg, (1, 8, 8))  # what cvarch-eval rebuilds: the compiled model, strict keys
+    build_from_checkpoint(
+        ckpt, run_cfg, (1, 8, 8)
+    )  # what cvarch-eval rebuilds: the compiled model, strict keys
     with open_dict(run_cfg):
         run_cfg.model.compile = False
     build_module(run_cfg, build_model(run_cfg, initialize=False)).load_state_dict(

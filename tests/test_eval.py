@@ -43,11 +43,11 @@ def test_eval_with_other_test_time_views_keeps_the_plain_accuracy(default_run, t
 
 
 def test_a_checkpoint_whose_unpickling_would_run_code_is_refused_and_nothing_runs(tmp_path):
-    from cvarch.eval import load_checkpoint
+    from cvarch.checkpoint import load_trained
 
     path, marker = malicious_checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"ckpt_path: .*evil.ckpt cannot be loaded with weights_only=True"):
-        load_checkpoint(path)
+        load_trained(path)
     proc = run_cli("cvarch-eval", f"ckpt_path={path}", f"paths.log_dir={tmp_path}")
     assert proc.returncode != 0 and "cannot be loaded with weights_only=True" in proc.stderr
     assert not marker.exists()

@@ -174,10 +174,7 @@ class StateProbe(pl.Callback):
 
 
 @pytest.mark.slow
-def test_resume_restores_optimizer_scheduler_and_augmentation_state(compose_tmp, monkeypatch):
-    monkeypatch.setattr(
-        cvarch.config, "ALLOWED_TARGETS", (*cvarch.config.ALLOWED_TARGETS, "tests.")
-    )  # the probe
+def test_resume_restores_optimizer_scheduler_and_augmentation_state(compose_tmp):
     common = ("augment=cifar", "scheduler.patience=0", "logger=none", "data.batch_size=256")
     probe = "+callbacks.probe={_target_: tests.test_train.StateProbe}"
     StateProbe.seen = {}
