@@ -278,24 +278,18 @@ MYLAB = '''
         def forward(self, x):
             return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 '''
+PLAIN = """\
+_target_: torch.nn.Sequential
+_args_:
+  - _target_: torch.nn.Flatten
+  - _target_: torch.nn.Linear
+    in_features: 64
+    out_features: {out}
+"""
 MYCONF = {
     "tinynet.yaml": "_target_: mylab.tinynet.TinyNet\nin_channels: ${data.channels}\nwidth: 8\n",
-    "plain_linear.yaml": textwrap.dedent("""\
-        _target_: torch.nn.Sequential
-        _args_:
-          - _target_: torch.nn.Flatten
-          - _target_: torch.nn.Linear
-            in_features: 64
-            out_features: ${data.num_classes}
-    """),
-    "plain_linear7.yaml": textwrap.dedent("""\
-        _target_: torch.nn.Sequential
-        _args_:
-          - _target_: torch.nn.Flatten
-          - _target_: torch.nn.Linear
-            in_features: 64
-            out_features: 7
-    """),
+    "plain_linear.yaml": PLAIN.format(out="${data.num_classes}"),
+    "plain_linear7.yaml": PLAIN.format(out=7),  # a head that misses the dataset's 10 classes
 }
 
 
