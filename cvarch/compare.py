@@ -28,12 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from cvarch.build import build_all, build_model
-from cvarch.config import CONFIG_DIR, compose
+from cvarch.config import CONFIG_PATH, compose
+from cvarch.cost import profile_model
 from cvarch.models import native_size
-from cvarch.profile import profile_model
 
 CSV_NAME = "compare.csv"
 ACCURACY_PLOT = "accuracy_vs_gmacs.png"
@@ -45,17 +44,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass of ``x``: PyTorch's FLOP count / 2 (conv, linear, matmul).
-
-    Canziani 2017 Fig. 2 counts operations the same way, one per multiply-add; norms and activations are left out.
-    """
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 def time_ms(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> list[float]:
@@ -366,7 +354,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="compare")
 def main(cfg: DictConfig) -> None:
     """``cvarch-compare models=[…]``; the last line printed is the run directory."""
     run(cfg)

@@ -235,6 +235,7 @@ def log_wandb(summary: dict[str, Any], out: Path, node: dict[str, Any], task_nam
     jobs' project and mode (offline by default). If W&B cannot start, warns and returns ``None``: the report
     files are written already."""
     import wandb
+
     from cvarch.build import sweep_group
 
     group = sweep_group(task_name, Path(summary["sweep_dir"]).resolve(), node.get("group"))

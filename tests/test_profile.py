@@ -1,5 +1,6 @@
 """cvarch.profile against the lecture's numbers (CS231n 2017 lecture 9): the VGG16 table row by row, AlexNet's
-CONV1/POOL1, the Inception module's cost, receptive fields, GoogLeNet vs AlexNet, and FLOPs vs FlopCounterMode."""
+CONV1/POOL1, the Inception module's cost, receptive fields, GoogLeNet vs AlexNet, and what the CLI writes. The
+counting rules on hand-built nets are tested in test_cost.py."""
 
 from __future__ import annotations
 
@@ -11,21 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from torch import nn
 
+from cvarch.cost import Profile, Row, Totals, profile_model
 from cvarch.profile import (
     LECTURE,
-    Profile,
-    Row,
-    Totals,
     googlenet_alexnet_param_ratio,
     inception_module_macs,
     profile,
-    profile_model,
     vgg16_activations,
     write_profile,
 )
 from tests.conftest import report
+from tests.test_cost import stack
 
 ROOT = Path(__file__).resolve().parents[1]
 META = "measure_memory=false"
@@ -122,56 +120,6 @@ def test_inception_module_naive_and_reduced_costs():
     report(
         f"Inception module 28×28×256: naive {naive.totals.macs:,} MACs, reduced {reduced:,} (lecture 358M)"
     )
-
-
-def stack(depth: int, channels: int) -> nn.Sequential:
-    layers = []
-    for _ in range(depth):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
-@pytest.mark.parametrize("depth, rf", [(1, 3), (2, 5), (3, 7)])
-def test_stacked_3x3_convs_see_2n_plus_1(depth, rf):
-    p = profile_model(stack(depth, 8), (8, 16, 16))
-    assert [r.rf for r in p.rows] == [1, *range(3, rf + 1, 2)]
-    assert len(p.rows) == depth + 1  # in-place ReLUs add no row
-
-
-def test_three_3x3_convs_cost_fewer_parameters_than_one_7x7():
-    c = 16
-    three = profile_model(stack(3, c), (c, 16, 16)).totals
-    seven = profile_model(nn.Conv2d(c, c, 7, padding=3, bias=False), (c, 16, 16)).totals
-    assert three.params == 3 * (3**2 * c**2) == 6_912
-    assert seven.params == 7**2 * c**2 == 12_544
-    assert seven.activations == 16 * 16 * c
-    assert three.activations == 3 * 16 * 16 * c
-
-
-def test_flops_equal_flop_counter_for_conv_and_linear_nets():
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 5, stride=2, padding=2),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, groups=2),
-        nn.Flatten(),
-        nn.Linear(16 * 14 * 14, 10),
-    )
-    p = profile_model(model, (3, 32, 32))
-    assert [r.type for r in p.rows] == ["Input", "Conv2d", "Conv2d", "Linear"]
-    assert [r.macs for r in p.rows[1:]] == [8 * 16 * 16 * 3 * 25, 16 * 14 * 14 * 4 * 9, 16 * 14 * 14 * 10]
-    assert p.totals.flops == p.totals.flops_counter == 2 * p.totals.macs
-    assert p.totals.flops_diff == 0
-    assert p.row("4").rf == 9 + (14 - 1) * 2  # the linear layer sees the whole 14×14 map of rf 9, jump 2
-
-
-def test_measured_memory_of_a_training_step():
-    model = stack(2, 8)
-    p = profile_model(model, (8, 32, 32), batch_size=4, measure_memory=True)
-    t = p.totals
-    assert t.measured_with and t.measured_peak_mb > 0
-    # at least the two stored conv outputs of the batch in fp32
-    assert t.measured_peak_mb * 1e6 >= 2 * 4 * 8 * 32 * 32 * 4
-    assert all(q.grad is None for q in model.parameters())
 
 
 def test_googlenet_vs_alexnet_parameters():

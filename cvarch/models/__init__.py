@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.func import functional_call
+
+if TYPE_CHECKING:  # only a type hint: a model file imports torch and nothing of Hydra (see STYLE.md)
+    from omegaconf import DictConfig
 
 
 def _probe(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, str] | None:

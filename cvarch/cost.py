@@ -1,0 +1,434 @@
+"""What a model costs, counted from the model itself: the lecture's table of it, layer by layer
+(:func:`profile_model`), and the multiply-accumulates of one forward pass (:func:`count_macs`).
+
+The library under ``cvarch-profile`` (the table), ``cvarch-compare`` (Canziani 2017's columns) and ``cvarch-train``
+(its ``params`` and ``gmacs`` metrics); it imports torch and nothing of Lightning, Hydra or plotting.
+
+:func:`profile_model` counts the way the lecture's VGG16 table counts (Stanford CS231n 2017, lecture 9, "VGGNet"
+slide; Simonyan & Zisserman 2014 Table 1): one row per layer that computes something, with its output shape, its
+activations (the output's elements per image), its parameters with and without biases, its multiply-accumulates
+and its receptive field. The rules:
+
+- Rows: the input, then every leaf module that has parameters, is a convolution, linear layer or norm (the
+  lecture's AlexNet lists NORM1 and NORM2), or changes the tensor's shape, in execution order. A pool is a row
+  unless it is an identity (torchvision's ``AdaptiveAvgPool2d(7)`` on VGG's 7×7 map at 224×224 is not in the
+  lecture's table). Activations (ReLU, in place or not), dropout and identities keep the shape and hold no
+  parameters: no row, and their outputs are not counted, as in the lecture. ``nn.Flatten`` is a view: no row.
+- MACs per image: convolution ``out_numel · (in_channels / groups) · kh · kw``; linear ``out_numel ·
+  in_features``; every other layer 0 (pools and norms compare or scale, they do not multiply-accumulate, and
+  ``torch.utils.flop_counter.FlopCounterMode`` counts none of them either). Biases are not counted.
+  FLOPs = 2 · MACs, reported next to FlopCounterMode's total on the same forward.
+- Receptive field (Araujo et al. 2019, "Computing Receptive Fields of Convolutional Neural Networks", Distill,
+  eq. 1–2): every tensor carries ``(rf, jump)`` relative to the input pixel grid. A convolution or pool of
+  effective kernel ``k = dilation · (kernel − 1) + 1`` and stride ``s`` gives ``rf + (k − 1) · jump`` and
+  ``jump · s`` (the width dimension; the nets here are square). An adaptive pool from side ``n`` to ``m`` acts as
+  kernel ``⌈n/m⌉``, stride ``⌊n/m⌋``. A linear layer on a flattened ``n×n`` map sees all of it:
+  ``rf + (n − 1) · jump``. Any other operation, inside or outside a module (concatenation of Inception branches,
+  residual additions, flatten), gives its output the largest ``rf`` and ``jump`` of its tensor inputs.
+- The forward runs in eval mode on the meta device, so profiling VGG16 costs no memory and no FLOP; auxiliary
+  classifiers (GoogLeNet §5), which run only in training, have no rows, but their parameters are in the total.
+- Memory estimate of a training step, after the lecture's "~96MB / image (only forward! ~*2 for bwd)": twice the
+  forward activations including the input, in the run dtype, times the batch, plus weights, gradients and SGD
+  momentum, 3 · parameters · 4 bytes (fp32).
+- Measured: the peak of the memory allocated during one forward+backward of ``batch_size`` images in train mode
+  (model dtype, no optimizer step), above what was allocated before it (weights, input). CUDA:
+  ``torch.cuda.max_memory_allocated``; CPU: the running sum of the allocation events the torch profiler records
+  with ``profile_memory=True``. Both see only tensors allocated through PyTorch's allocators.
+
+MB is 10⁶ bytes, as in the lecture's "24M · 4 bytes ≈ 96MB".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves  # no public pytree module in torch 2.x
+from torch.utils.flop_counter import FlopCounterMode
+
+MB = 1e6  # decimal megabytes, as the lecture's "24M * 4 bytes ~= 96MB"
+FP32_BYTES = 4
+
+_CONV_POOL = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+_ADAPTIVE = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_VIEWS = (nn.Flatten, nn.Unflatten)
+
+
+@dataclass
+class Row:
+    """One layer of the profile; counts are per image.
+
+    Args:
+        name: module path (``features.0``), or ``input``.
+        type: module class name.
+        shape: output shape without the batch dimension, (C, H, W) for feature maps.
+        activations: output elements per image.
+        bytes_fp32: activation bytes at 4 bytes each.
+        bytes_dtype: activation bytes in the run dtype.
+        params: parameters including biases.
+        params_no_bias: parameters without biases (the lecture's "params (not counting biases)").
+        macs: multiply-accumulates per image.
+        rf: receptive field side on the input, in pixels.
+        jump: distance on the input between neighbouring outputs (the product of the strides).
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    activations: int
+    bytes_fp32: int
+    bytes_dtype: int
+    params: int
+    params_no_bias: int
+    macs: int
+    rf: int
+    jump: int
+
+
+@dataclass
+class Totals:
+    """Whole-model figures (see the module docstring for the rules).
+
+    Args:
+        input_shape: (C, H, W) of the profiled input.
+        output_shape: the model output without the batch dimension.
+        params: every parameter of the model, auxiliary heads included.
+        params_no_bias: the same without biases.
+        activations: sum of the rows' activations per image, input excluded.
+        activations_with_input: the same with the input, as the lecture's table sums it.
+        activations_mb: ``activations`` at 4 bytes, in MB.
+        activations_with_input_mb: ``activations_with_input`` at 4 bytes, in MB.
+        macs: sum of the rows' MACs per image.
+        flops: 2 · ``macs``.
+        flops_counter: FlopCounterMode's FLOPs for the same forward of one image.
+        flops_diff: ``flops_counter − flops``; 0 for nets of convolutions and linear layers.
+        train_memory_estimate_mb: the lecture's rule for one training step of ``batch_size`` images.
+        measured_peak_mb: measured peak of one forward+backward, or ``None`` when not measured.
+        measured_with: what measured it.
+    """
+
+    input_shape: tuple[int, int, int]
+    output_shape: tuple[int, ...]
+    params: int
+    params_no_bias: int
+    activations: int
+    activations_with_input: int
+    activations_mb: float
+    activations_with_input_mb: float
+    macs: int
+    flops: int
+    flops_counter: int
+    flops_diff: int
+    train_memory_estimate_mb: float
+    measured_peak_mb: float | None = None
+    measured_with: str | None = None
+
+
+@dataclass
+class Profile:
+    """The rows and totals of one model at one input shape; ``to_dict()`` is what ``profile.json`` holds."""
+
+    model: str
+    batch_size: int
+    dtype: str
+    rows: list[Row] = field(default_factory=list)
+    totals: Totals | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def row(self, name: str) -> Row:
+        """The row of the module at path ``name`` (the first call, if the module runs more than once)."""
+        return next(r for r in self.rows if r.name == name)
+
+
+@dataclass(frozen=True)
+class _Field:
+    rf: int
+    jump: int
+    side: int  # side of the map the tensor holds, or of the map it was flattened from
+
+
+class _FieldTracker(TorchFunctionMode):
+    """Gives every tensor made during the forward the largest ``(rf, jump)`` of its tensor inputs; the layer
+    hooks then overwrite it for convolutions, pools and linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # keyed by id(); the tensor is kept so its id is not reused (meta tensors: no memory)
+        self.fields: dict[int, tuple[torch.Tensor, _Field]] = {}
+
+    def get(self, t: torch.Tensor) -> _Field | None:
+        entry = self.fields.get(id(t))
+        return entry[1] if entry else None
+
+    def set(self, t: torch.Tensor, f: _Field) -> None:
+        self.fields[id(t)] = (t, f)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [
+            f for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and (f := self.get(t))
+        ]
+        if inputs:
+            rf, jump, side = (max(getattr(f, k) for f in inputs) for k in ("rf", "jump", "side"))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and id(t) not in self.fields:  # in-place ops keep their field
+                    self.set(t, _Field(rf, jump, t.shape[-1] if t.ndim == 4 else side))
+        return out
+
+
+def _pair_last(v: int | tuple[int, ...]) -> int:
+    return v[-1] if isinstance(v, tuple) else v
+
+
+def _kernel_stride(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
+    """Effective kernel and stride along the width, for layers that slide a window; ``None`` for others."""
+    if isinstance(module, _CONV_POOL):
+        dilation = _pair_last(getattr(module, "dilation", 1))
+        kernel = dilation * (_pair_last(module.kernel_size) - 1) + 1
+        return kernel, _pair_last(module.stride or module.kernel_size)
+    if isinstance(module, _ADAPTIVE):
+        n, m = x.shape[-1], y.shape[-1]
+        return math.ceil(n / m), max(n // m, 1)
+    return None
+
+
+def _is_row(module: nn.Module, x: torch.Tensor, y: torch.Tensor, window: tuple[int, int] | None) -> bool:
+    if isinstance(module, _VIEWS):
+        return False
+    if any(True for _ in module.parameters()) or isinstance(module, (nn.Linear, *_NORMS)):
+        return True
+    if window is not None:
+        return window != (1, 1)
+    return x.shape != y.shape
+
+
+def _macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    per_out = 0
+    if isinstance(module, nn.modules.conv._ConvNd):
+        per_out = module.in_channels // module.groups * math.prod(module.kernel_size)
+    elif isinstance(module, nn.Linear):
+        per_out = module.in_features
+    return y.numel() // y.shape[0] * per_out
+
+
+def _meta_forward(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
+    """``model`` on a meta input of ``shape``, its parameters and buffers swapped for meta tensors."""
+    tensors = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+    return functional_call(model, tensors, (torch.empty(shape, device="meta"),), strict=False)
+
+
+def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass of an input of ``shape``, as ``torch.utils.flop_counter.FlopCounterMode`` counts
+    them: two per multiply-add of convolutions, linear layers and matmuls, nothing for norms and activations.
+
+    The forward runs on the meta device (:func:`_meta_forward`): the count needs only the shapes, so a 224×224
+    VGG16 costs no memory and no FLOP, and a model's norm statistics are left alone.
+
+    Args:
+        model: any ``nn.Module`` that accepts the input.
+        shape: the input's shape, batch dimension included.
+    """
+    with FlopCounterMode(display=False) as counter:
+        _meta_forward(model, shape)
+    return counter.get_total_flops()
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass of ``x``: PyTorch's FLOP count / 2 (conv, linear, matmul).
+
+    Canziani 2017 Fig. 2 counts operations the same way, one per multiply-add; norms and activations are left out.
+    Only ``x``'s shape is used: the forward runs on the meta device (:func:`count_flops`).
+
+    Args:
+        model: any ``nn.Module`` that accepts ``x``.
+        x: an input batch.
+    """
+    return count_flops(model, tuple(x.shape)) // 2
+
+
+def profile_model(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    batch_size: int = 1,
+    dtype: torch.dtype = torch.float32,
+    measure_memory: bool = False,
+) -> Profile:
+    """Profiles ``model`` on (C, H, W) inputs: one :class:`Row` per layer and the :class:`Totals`.
+
+    Counting rules are in the module docstring (CS231n 2017 lecture 9, VGGNet slide).
+
+    Args:
+        model: any ``nn.Module`` taking (N, C, H, W); it may live on the meta device unless ``measure_memory``.
+        input_shape: (C, H, W) of one image.
+        batch_size: images in the measured step and the memory estimate.
+        dtype: run dtype of the ``bytes_dtype`` column and of the activations in the estimate.
+        measure_memory: run one forward+backward on the model's device and measure its peak memory.
+    """
+    tracker = _FieldTracker()
+    names = {m: n for n, m in model.named_modules()}
+    rows = [_row("input", "Input", tuple(input_shape), 0, 0, 0, 1, 1, dtype)]
+
+    def hook(module: nn.Module, args: tuple, y: Any) -> None:
+        if not (args and isinstance(args[0], torch.Tensor) and isinstance(y, torch.Tensor)):
+            return
+        x = args[0]
+        f = tracker.get(x) or _Field(1, 1, x.shape[-1])
+        window = _kernel_stride(module, x, y)
+        if window is not None:
+            kernel, stride = window
+            out = _Field(f.rf + (kernel - 1) * f.jump, f.jump * stride, y.shape[-1])
+        elif isinstance(module, nn.Linear) and x.ndim == 2:  # a flattened side×side map: all of it
+            out = _Field(f.rf + (f.side - 1) * f.jump, f.jump * f.side, 1)
+        else:
+            out = _Field(f.rf, f.jump, y.shape[-1] if y.ndim == 4 else f.side)
+        tracker.set(y, out)
+        if not _is_row(module, x, y, window):
+            return
+        params = dict(module.named_parameters())
+        rows.append(
+            _row(
+                names[module],
+                type(module).__name__,
+                tuple(y.shape[1:]),
+                sum(p.numel() for p in params.values()),
+                sum(p.numel() for n, p in params.items() if not n.endswith("bias")),
+                _macs(module, x, y),
+                out.rf,
+                out.jump,
+                dtype,
+            )
+        )
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.empty((1, *input_shape), device="meta")
+        with tracker:
+            tracker.set(x, _Field(1, 1, input_shape[-1]))
+            tensors = {
+                k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()
+            }
+            y = functional_call(model, tensors, (x,), strict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    flops_counter = count_flops(model, (1, *input_shape))
+    model.train(was_training)
+
+    all_params = dict(model.named_parameters())
+    n_params = sum(p.numel() for p in all_params.values())
+    activations = sum(r.activations for r in rows[1:])
+    with_input = activations + rows[0].activations
+    macs = sum(r.macs for r in rows)
+    estimate = 2 * with_input * dtype.itemsize * batch_size + 3 * n_params * FP32_BYTES
+    totals = Totals(
+        input_shape=tuple(input_shape),
+        output_shape=tuple(y.shape[1:]),
+        params=n_params,
+        params_no_bias=sum(p.numel() for n, p in all_params.items() if not n.endswith("bias")),
+        activations=activations,
+        activations_with_input=with_input,
+        activations_mb=activations * FP32_BYTES / MB,
+        activations_with_input_mb=with_input * FP32_BYTES / MB,
+        macs=macs,
+        flops=2 * macs,
+        flops_counter=flops_counter,
+        flops_diff=flops_counter - 2 * macs,
+        train_memory_estimate_mb=estimate / MB,
+    )
+    if measure_memory:
+        peak, totals.measured_with = measure_step_memory(model, input_shape, batch_size)
+        totals.measured_peak_mb = peak / MB
+    return Profile(type(model).__name__, batch_size, str(dtype).removeprefix("torch."), rows, totals)
+
+
+def _row(
+    name: str,
+    type_: str,
+    shape: tuple[int, ...],
+    params: int,
+    params_no_bias: int,
+    macs: int,
+    rf: int,
+    jump: int,
+    dtype: torch.dtype,
+) -> Row:
+    n = math.prod(shape)
+    return Row(
+        name, type_, shape, n, n * FP32_BYTES, n * dtype.itemsize, params, params_no_bias, macs, rf, jump
+    )
+
+
+def measure_step_memory(
+    model: nn.Module, input_shape: tuple[int, int, int], batch_size: int
+) -> tuple[int, str]:
+    """Peak bytes allocated by one forward+backward (train mode, no optimizer step) above what was allocated
+    before it; gradients are cleared afterwards.
+
+    Args:
+        model: a model with real (not meta) parameters.
+        input_shape: (C, H, W) of one image.
+        batch_size: images in the step.
+
+    Returns:
+        The peak in bytes and a description of what measured it.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    x = torch.randn((batch_size, *input_shape), device=device, dtype=dtype)
+    was_training = model.training
+    model.train()
+
+    def step() -> None:
+        out = model(x)
+        sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - before
+            how = f"torch.cuda.max_memory_allocated on {torch.cuda.get_device_name(device)}"
+        else:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            ) as p:
+                step()
+            peak = _profiler_peak(p)
+            how = "torch.profiler allocation events (profile_memory=True), CPU"
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return peak, how
+
+
+def _profiler_peak(prof: torch.profiler.profile) -> int:
+    """Peak of the running sum of the allocations (positive) and frees (negative) the profiler recorded."""
+    # the public EventList folds allocations into the ops that made them; the event tree keeps each one, timed
+    allocations = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == torch._C._profiler._EventType.Allocation:
+            allocations.append(event)
+        stack.extend(event.children)
+    running = peak = 0
+    for event in sorted(allocations, key=lambda e: e.start_time_ns):
+        running += event.extra_fields.alloc_size
+        peak = max(peak, running)
+    return peak
