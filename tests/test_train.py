@@ -193,7 +193,9 @@ def test_resume_restores_optimizer_scheduler_and_augmentation_state(compose_tmp)
     assert momentum and started["optimizer"]["state"].keys() == momentum.keys()
     for key, state in momentum.items():  # the SGD momentum buffers continue
         assert torch.equal(started["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
-    assert started["optimizer"]["param_groups"] == ckpt["optimizer_states"][0]["param_groups"]
+    # the learning rates where the first run ended: the checkpoint's, or one plateau step below them when the
+    # last epoch did not improve val/acc (the step Lightning takes after saving, replayed)
+    assert started["optimizer"]["param_groups"] == ended["optimizer"]["param_groups"]
     assert torch.equal(started["augment"], ended["augment"])  # the augmentation stream continues
     assert torch.equal(ckpt["augment_rng_state"], ended["augment"])
 
