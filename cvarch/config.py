@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import re
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -149,20 +148,6 @@ def _check(node: Any, path: str, errors: list[str]) -> None:
 # on a prefix such as ``torch.``: torch has callables that load or run code (``torch.hub.load``, ``torch.load``,
 # ``torch.jit.load``, ``torch._inductor.codecache.PyCodeCache.load``, ``torch.utils.cpp_extension.load_inline``).
 
-_PACKAGE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-
-
-def _targets_in(node: Any) -> Iterator[str]:
-    """Every ``_target_`` string in a parsed YAML tree."""
-    if isinstance(node, dict):
-        if isinstance(node.get("_target_"), str):
-            yield node["_target_"]
-        for value in node.values():
-            yield from _targets_in(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _targets_in(item)
-
 
 def _yaml_files(root: Any) -> Iterator[Any]:
     """The ``.yaml`` files under an ``importlib.resources`` traversable, recursively."""
@@ -191,7 +176,8 @@ def packaged_targets() -> frozenset[str]:
     targets: set[str] = set()
     for root in roots:
         for path in _yaml_files(root):
-            targets.update(_targets_in(yaml.safe_load(path.read_text())))
+            tree = yaml.safe_load(path.read_text())
+            targets.update(t for _, t in _target_keys(tree, "") if isinstance(t, str))
     return frozenset(targets)
 
 
@@ -223,12 +209,12 @@ def trusted_packages(trust: Sequence[str] | None = ()) -> tuple[str, ...]:
     Raises:
         ConfigError: naming ``trust`` when an entry is not a dotted package name.
     """
-    from cvarch.plugins import plugin_packages
+    from cvarch.plugins import PACKAGE_NAME, plugin_packages
 
     if isinstance(trust, str):
         trust = [trust]
     named = [str(t) for t in (trust or [])]
-    wrong = [t for t in named if not _PACKAGE_NAME.fullmatch(t)]
+    wrong = [t for t in named if not PACKAGE_NAME.fullmatch(t)]
     if wrong:
         raise ConfigError(f"trust: {wrong} are not package names; expected e.g. trust=[mylab]")
     return tuple(dict.fromkeys([*named, *plugin_packages()]))

@@ -27,7 +27,7 @@ from importlib.metadata import entry_points
 
 GROUP = "cvarch.plugins"  # the entry-point group plugins register in
 
-_PACKAGE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+PACKAGE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # a dotted package name (plugins, trust=[…])
 
 
 @functools.cache
@@ -35,7 +35,7 @@ def _packages() -> tuple[str, ...]:
     """The plugin packages, sorted by entry-point name, once per process."""
     packages = []
     for ep in sorted(entry_points(group=GROUP), key=lambda ep: (ep.name, ep.value)):
-        if _PACKAGE.fullmatch(ep.value.strip()):
+        if PACKAGE_NAME.fullmatch(ep.value.strip()):
             packages.append(ep.value.strip())
         else:  # a broken plugin must not stop every Hydra app of the environment
             warnings.warn(
