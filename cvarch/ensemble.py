@@ -146,10 +146,9 @@ def ensemble(
     dirs = run_dirs(runs)
     members, total, targets = [], None, None
     for run in dirs:
-        if (
-            run / "config.yaml"
-        ).is_file():  # what the folder says it ran: refused like the checkpoint's config
-            check_received(OmegaConf.load(run / "config.yaml"), f"runs: {run / 'config.yaml'}", trust)
+        config = run / "config.yaml"  # what the folder says it ran: refused like the checkpoint's config
+        if config.is_file():
+            check_received(OmegaConf.load(config), f"runs: {config}", trust)
         ckpt = best_checkpoint(run)
         probs, y, _ = predict(ckpt, split, data=data, tta=tta, device=device, trust=trust)
         if targets is None:
