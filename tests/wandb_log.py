@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -18,9 +19,27 @@ HEADER = 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def records(path: str | Path) -> list[pb.Record]:
-    """Every protobuf Record in a ``.wandb`` file, in order."""
-    data = Path(path).read_bytes()
+def records(path: str | Path, wait: float = 60.0) -> list[pb.Record]:
+    """Every protobuf Record in a ``.wandb`` file, in order.
+
+    ``run.finish()`` can return before W&B's service process has flushed the log's tail to disk (seen on a loaded
+    2-core machine: the history record missing), so this re-reads the file until its ``exit`` record is there,
+    for at most ``wait`` seconds, and then returns what it has.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            out = _parse(Path(path).read_bytes(), path)
+        except Exception:  # a record cut off mid-write
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if any(r.WhichOneof("record_type") == "exit" for r in out) or time.monotonic() > deadline:
+                return out
+        time.sleep(0.1)
+
+
+def _parse(data: bytes, path: str | Path) -> list[pb.Record]:
     ident, _magic, _version = struct.unpack("<4sHB", data[:HEADER])
     assert ident == b":W&B", f"{path} is not a W&B transaction log"
     out, pos, pending = [], HEADER, b""
