@@ -1,7 +1,10 @@
-"""``cvarch-bench``: how fast cvarch feeds and trains a model, as ratios against plain PyTorch measured side by side.
+"""``cvarch-bench [only=[loader,step]]``: how fast cvarch feeds and trains a model, against plain PyTorch.
+
+A developer tool: it measures cvarch itself (the README's Performance section), not a model or a paper, and is
+no part of an experiment. ``make bench`` runs it; ``conf/bench.yaml`` lists its keys.
 
 Four figures, each measured in one process with the torch thread count pinned, A and B alternating over
-``--repeats`` rounds, and reported as the median ratio (airbench and Composer report speed the same way):
+``repeats`` rounds, and reported as the median ratio (airbench and Composer report speed the same way):
 
 1. ``loader``: images/s of cvarch's CIFAR-10 training batches (the in-memory :class:`cvarch.data.BatchLoader`
    + ``augment=cifar`` + the fused ``preprocess=standardize``) against torchvision's per-image PIL pipeline
@@ -14,12 +17,11 @@ Four figures, each measured in one process with the torch thread count pinned, A
 4. ``startup``: seconds from launching ``cvarch-train`` to its first training step, and the seconds of that
    spent importing (``python -X importtime``).
 
-The JSON (``--out``) holds every repeat, the medians, the targets and whether each was met.
+The JSON (``out``) holds every repeat, the medians, the targets and whether each was met.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,12 +34,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from cvarch.config import CONFIG_PATH
 
 # the issue's targets, measured on the 2-core CPU development machine
 TARGETS = {"loader": 20.0, "step": 0.97, "epoch": 0.95, "startup": 8.0}
+FIGURES = tuple(TARGETS)  # what only=[…] may name
 
 
 class StepTimer(pl.Callback):
@@ -341,49 +349,62 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Measures the figures named in ``args.only`` and returns the JSON record."""
-    torch.set_num_threads(args.threads)
-    root = Path(args.root).expanduser()
+def measure(cfg: DictConfig) -> dict[str, Any]:
+    """Measures the figures named in ``cfg.only`` and returns the JSON record.
+
+    Args:
+        cfg: the ``bench`` root config (conf/bench.yaml).
+
+    Raises:
+        ValueError: naming ``only`` when it names an unknown figure.
+        FileNotFoundError: naming ``root`` when it has no ``train/`` folder.
+    """
+    unknown = sorted(set(cfg.only) - set(FIGURES))
+    if unknown:
+        raise ValueError(f"only: unknown figures {unknown}; expected some of {list(FIGURES)}")
+    torch.set_num_threads(cfg.threads or os.cpu_count())
+    root = Path(cfg.root).expanduser()
     if not (root / "train").is_dir():
-        raise FileNotFoundError(
-            f"--root: {root} has no train/ folder (an image-folder tree, e.g. CIFAR-10's)"
-        )
+        raise FileNotFoundError(f"root: {root} has no train/ folder (an image-folder tree, e.g. CIFAR-10's)")
     num_classes = sum(1 for d in (root / "train").iterdir() if d.is_dir())
-    quick = args.quick
-    out = Path(args.workdir or tempfile.mkdtemp(prefix="cvarch-bench-"))
+    quick = cfg.quick
+    repeats, epoch_repeats = (1, 1) if quick else (cfg.repeats, cfg.epoch_repeats)
+    out = Path(cfg.workdir or tempfile.mkdtemp(prefix="cvarch-bench-"))
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
     extra = [f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"]
-    extra += [f"paths.cache_dir={args.cache_dir}"] if args.cache_dir else []
+    extra += [f"paths.cache_dir={cfg.cache_dir}"] if cfg.cache_dir else []
     if quick:  # a few steps each: checks the harness, not the speed
         extra.append("data.batch_size=8")
+    train_overrides = list(cfg.train_overrides)
     raw = RawLoop(run_overrides(root, num_classes, out, extra), device)
-    base = run_overrides(root, num_classes, out, [*extra, *args.override])  # cvarch's runs only
+    base = run_overrides(root, num_classes, out, [*extra, *train_overrides])  # cvarch's runs only
     results: dict[str, Any] = {
         "machine": machine(),
         "device": str(device),
         "root": str(root),
         "quick": quick,
-        "repeats": args.repeats,
-        "overrides": args.override,
+        "repeats": repeats,
+        "overrides": train_overrides,
     }
     batch = raw.batch_size
-    warmup, steps = (1, 3) if quick else (args.warmup, args.steps)
-    only = set(args.only)
+    warmup, steps = (1, 3) if quick else (cfg.warmup, cfg.steps)
+    only = set(cfg.only)
 
     if "loader" in only:
-        batches = 4 if quick else args.loader_batches
+        batches = 4 if quick else cfg.loader_batches
         results["loader"] = compare(
             "loader",
             *alternate(
                 lambda: cvarch_loader_rate(raw, batches * 5),
-                lambda: torchvision_loader_rate(root, batch, batches, args.workers, device),
-                args.repeats,
+                lambda: torchvision_loader_rate(root, batch, batches, cfg.workers, device),
+                repeats,
             ),
             unit="images/s",
         )
-        results["loader"]["workers"] = args.workers
+        results["loader"]["workers"] = cfg.workers
 
     if "step" in only:
         limits = [
@@ -399,7 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model, optimizer = raw.fresh()
             return rate(raw.train_epoch(model, optimizer, steps=warmup + steps + 1), warmup, batch)
 
-        results["step"] = compare("step", *alternate(cvarch_step, raw_step, args.repeats), unit="images/s")
+        results["step"] = compare("step", *alternate(cvarch_step, raw_step, repeats), unit="images/s")
         results["step"].update(warmup_steps=warmup, timed_steps=steps, batch_size=batch, model="resnet20")
 
     if "epoch" in only:
@@ -411,7 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         results["epoch"] = compare(
             "epoch",
-            *alternate(cvarch_epoch, lambda: raw.epoch_seconds(out), args.epoch_repeats),
+            *alternate(cvarch_epoch, lambda: raw.epoch_seconds(out), epoch_repeats),
             unit="s",
             higher_is_better=False,
         )
@@ -425,7 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "+trainer.limit_val_batches=1",
             "+trainer.limit_test_batches=1",
         ]
-        seconds = [startup_seconds(first, out) for _ in range(args.repeats)]
+        seconds = [startup_seconds(first, out) for _ in range(repeats)]
         imports, slowest = import_seconds(first)
         median = statistics.median(seconds)
         results["startup"] = {
@@ -460,66 +481,30 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    data_dir = os.environ.get("CVARCH_DATA_DIR", "data")
-    parser = argparse.ArgumentParser(prog="cvarch-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default=f"{data_dir}/cifar10", help="image-folder tree (default: CIFAR-10)")
-    parser.add_argument("--out", default="bench.json", help="JSON file of the results")
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        default=["loader", "step", "epoch", "startup"],
-        choices=["loader", "step", "epoch", "startup"],
-        help="figures to measure",
-    )
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (pinned)")
-    parser.add_argument("--repeats", type=int, default=5, help="A/B rounds of loader, step and start-up")
-    parser.add_argument("--epoch-repeats", type=int, default=3, help="A/B rounds of the full epoch")
-    parser.add_argument("--warmup", type=int, default=5, help="training steps excluded from the step figure")
-    parser.add_argument("--steps", type=int, default=60, help="timed training steps of the step figure")
-    parser.add_argument(
-        "--loader-batches", type=int, default=20, help="batches timed of torchvision's loader"
-    )
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of torchvision's pipeline")
-    parser.add_argument("--cache-dir", default=None, help="decoded-tensor cache (default: cvarch's)")
-    parser.add_argument("--workdir", default=None, help="folder for the runs' logs (default: a temp folder)")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu | cuda (default: cuda if any)",
-    )
-    parser.add_argument(
-        "--override",
-        nargs="*",
-        default=[],
-        help="extra cvarch-train overrides of the cvarch runs only, e.g. "
-        "trainer.precision=bf16-mixed model.channels_last=true model.compile=true (the raw loop stays fp32 eager)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a few steps each: checks the harness, not speed"
-    )
-    return parser.parse_args(argv)
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """``cvarch-bench`` as a function: measures (:func:`measure`), writes the JSON to ``cfg.out``, prints the
+    table and the machine, and returns the record.
 
-
-def bench(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``cvarch-bench [--quick] [--only loader step epoch startup] [--out bench.json]``: measures, prints the
-    table, writes the JSON and returns it."""
-    args = parse_args(argv)
-    if args.quick:
-        args.repeats = args.epoch_repeats = 1
-    results = run(args)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    Args:
+        cfg: the ``bench`` root config (``@hydra.main`` or ``cvarch.compose(..., config_name="bench")``).
+    """
+    results = measure(cfg)
+    Path(cfg.out).write_text(json.dumps(results, indent=2))
     print(table(results))
     print(
         f"machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, "
-        f"{results['machine']['threads']} threads; JSON: {args.out}"
+        f"{results['machine']['threads']} threads; JSON: {cfg.out}"
     )
     return results
 
 
-def main() -> None:
-    """The ``cvarch-bench`` console script."""
-    bench()
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+def main(cfg: DictConfig) -> None:
+    """``cvarch-bench [quick=true] [only=[loader,step,epoch,startup]] [out=bench.json]``, a developer tool."""
+    # The benchmark composes its cvarch-train runs with cvarch.compose, which initializes Hydra itself; Hydra
+    # allows one initialization per process, and this app's is not needed once its own config is composed.
+    GlobalHydra.instance().clear()
+    run(cfg)
 
 
 if __name__ == "__main__":

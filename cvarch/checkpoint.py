@@ -18,6 +18,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from cvarch.config import ConfigError, check_received
+from cvarch.runs import find_jobs
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +209,20 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 
 def newest_hint(cfg: DictConfig, missing: Path) -> str:
-    """``" (newest with a last.ckpt: …)"`` among the runs of this task, or ``""``."""
-    runs = Path(cfg.paths.log_dir) / str(cfg.get("task_name", "train"))
-    candidates = [p for p in runs.glob(f"**/{missing.parent.name}/{missing.name}") if p != missing]
+    """``" (the newest run of task … with one: <run dir>)"``: among the run folders of this task
+    (:func:`cvarch.runs.find_jobs`), the newest that holds the checkpoint ``missing`` names (``checkpoints/
+    last.ckpt``), or ``""``."""
+    task = str(cfg.get("task_name", "train"))
+    relative = Path(missing.parent.name) / missing.name
+    candidates = [
+        job.dir / relative
+        for job in find_jobs(Path(cfg.paths.log_dir) / task)
+        if (job.dir / relative).is_file() and job.dir / relative != missing
+    ]
     if not candidates:
         return ""
     newest = max(candidates, key=lambda p: p.stat().st_mtime)
-    return f" (the newest run of task {cfg.get('task_name', 'train')} with one: {newest.parents[1]})"
+    return f" (the newest run of task {task} with one: {newest.parents[1]})"
 
 
 def check_classes(ckpt: dict[str, Any], path: str | Path, num_classes: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,6 @@ from typing import Any
 
 import hydra
 import torch
-import yaml
 from hydra.core.global_hydra import GlobalHydra
 from matplotlib.figure import Figure  # no pyplot: Agg canvas, no display, no global backend switch
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +31,7 @@ from cvarch.build import build_all, build_model
 from cvarch.config import CONFIG_PATH, compose
 from cvarch.cost import profile_model
 from cvarch.models import native_size
+from cvarch.runs import find_jobs
 
 CSV_NAME = "compare.csv"
 ACCURACY_PLOT = "accuracy_vs_gmacs.png"
@@ -96,8 +95,9 @@ def read_top1(results: str | Path) -> dict[str, float]:
     """Top-1 accuracy in % per model name, from a CSV of published figures or a folder of cvarch-train runs.
 
     A CSV needs the columns ``model`` and ``top1`` (in %, as papers and Canziani 2017 Table 1 give it). A folder
-    is searched for ``metrics.json`` files; each run's model is the ``model`` choice recorded in its
-    ``.hydra/hydra.yaml``, and ``test/acc`` is averaged over the runs (seeds) of each model.
+    is searched for run folders at any depth (:func:`cvarch.runs.find_jobs`); each finished run's model is the
+    ``model`` choice recorded in its ``.hydra/hydra.yaml``, and ``test/acc`` is averaged over the runs (seeds) of
+    each model.
 
     Args:
         results: path to the CSV file or to the folder.
@@ -119,15 +119,11 @@ def read_top1(results: str | Path) -> dict[str, float]:
     if not path.is_dir():
         raise FileNotFoundError(f"results: no CSV file or folder at {path}")
     accs: dict[str, list[float]] = defaultdict(list)
-    for metrics_path in sorted(path.rglob("metrics.json")):
-        hydra_file = metrics_path.parent / ".hydra" / "hydra.yaml"
-        if not hydra_file.is_file():
-            continue
-        runtime = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("runtime", {})
-        model = (runtime.get("choices") or {}).get("model")
-        metrics = json.loads(metrics_path.read_text())
-        if model and metrics.get("test/acc") is not None:
-            accs[model].append(100 * float(metrics["test/acc"]))
+    for job in find_jobs(path):
+        model = job.choices().get("model")
+        acc = (job.metrics or {}).get("test/acc")
+        if model and acc is not None:
+            accs[model].append(100 * float(acc))
     if not accs:
         raise ValueError(f"results: no metrics.json with test/acc and .hydra/hydra.yaml under {path}")
     return {model: statistics.fmean(values) for model, values in accs.items()}

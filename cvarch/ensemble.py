@@ -24,52 +24,33 @@ from cvarch.build import build_datamodule, build_from_checkpoint
 from cvarch.checkpoint import check_classes, load_trained
 from cvarch.config import CONFIG_PATH, check_received
 from cvarch.data import SPLITS
+from cvarch.runs import list_jobs, read_job
 
 
 def run_dirs(runs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Expands ``runs`` into run directories: a run directory is itself; a multirun directory (Hydra's sweep
-    folder) gives its job folders that hold a ``metrics.json``, in job order.
+    """Expands ``runs`` into run directories (:func:`cvarch.runs.list_jobs`): a run directory is itself; a
+    multirun directory (Hydra's sweep folder) gives its finished jobs (those with a ``metrics.json``), in job
+    order.
 
     Raises:
-        FileNotFoundError: naming the entry of ``runs`` that is neither.
+        FileNotFoundError: naming the entry of ``runs`` that is neither, or whose jobs all lack ``metrics.json``.
     """
     entries = [runs] if isinstance(runs, (str, Path)) else list(runs)
     found: list[Path] = []
     for entry in entries:
         path = Path(entry).expanduser()
-        if (path / "metrics.json").is_file() or (path / "checkpoints").is_dir():
-            found.append(path)
-            continue
-        jobs = sorted(
-            (p.parent for p in path.glob("*/metrics.json")),
-            key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
-        )
-        if not jobs:
+        try:
+            jobs = list_jobs(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"runs: {err}") from None
+        # a run directory named directly is used as it is: its checkpoints serve even if it did not finish
+        dirs = [job.dir for job in jobs if job.finished or job.dir == path]
+        if not dirs:
             raise FileNotFoundError(
-                f"runs: {path} is neither a run directory (metrics.json or checkpoints/) nor a multirun "
-                f"directory with finished jobs (*/metrics.json)"
+                f"runs: none of the {len(jobs)} jobs of the multirun directory {path} finished (no */metrics.json)"
             )
-        found.extend(jobs)
+        found.extend(dirs)
     return found
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """The run's best checkpoint (``metrics.json``'s ``best_ckpt``), else its only non-``last`` checkpoint,
-    else ``last.ckpt``.
-
-    Raises:
-        FileNotFoundError: naming the run directory when it holds no checkpoint.
-    """
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        best = json.loads(metrics.read_text()).get("best_ckpt")
-        if best and Path(best).is_file():
-            return Path(best)
-    candidates = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    best = [p for p in candidates if p.stem != "last"]
-    if best or candidates:
-        return (best or candidates)[-1]
-    raise FileNotFoundError(f"runs: no checkpoint in {run_dir}/checkpoints")
 
 
 @torch.inference_mode()
@@ -149,7 +130,7 @@ def ensemble(
         config = run / "config.yaml"  # what the folder says it ran: refused like the checkpoint's config
         if config.is_file():
             check_received(OmegaConf.load(config), f"runs: {config}", trust)
-        ckpt = best_checkpoint(run)
+        ckpt = read_job(run).best_checkpoint()
         probs, y, _ = predict(ckpt, split, data=data, tta=tta, device=device, trust=trust)
         if targets is None:
             targets = y

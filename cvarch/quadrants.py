@@ -8,8 +8,8 @@ The lecture's advice, one ``transfer`` option per cell (Yosinski et al. 2014; Ra
 | quite a lot of data  | ``finetune_top``     | ``finetune_all``       |
 
 :class:`QuadrantsCallback` trains the source once into the sweep folder before the first job, and writes the
-report when the multirun ends; ``python -m cvarch.quadrants <sweep dir> --readme README.md`` rewrites it from a
-finished (or partial) sweep, and puts its table into the README.
+report when the multirun ends; ``python -m cvarch.quadrants sweep_dir=<sweep dir> readme=README.md`` rewrites it
+from a finished (or partial) sweep, and puts its table into the README.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cvarch.report import read_jobs
+from cvarch.config import CONFIG_PATH
+from cvarch.runs import list_jobs, read_job
 from cvarch.transfer import STRATEGIES
 
 # the lecture's table: (data amount, dataset) → the strategy it recommends
@@ -58,19 +60,22 @@ def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     A job is identified by its sweep overrides (``.hydra/overrides.yaml``): ``data``, ``data.train_per_class``,
     ``transfer`` and ``seed``; folders without ``data`` and ``transfer`` overrides (the source run) are skipped.
+
+    Raises:
+        FileNotFoundError: naming the folder when it holds no job (:func:`cvarch.runs.list_jobs`).
     """
     finished, failed = [], []
-    for job in read_jobs(sweep_dir):
-        overrides, metrics = job["overrides"], job["metrics"]
+    for job in list_jobs(sweep_dir):
+        overrides, metrics = job.overrides, job.metrics
         if not {"data", "transfer"} <= overrides.keys():  # not a job of the table (the source run)
             continue
         if metrics is None:
-            failed.append(job["job"])
+            failed.append(job.name)
             continue
         accuracy, stage = job_accuracy(metrics)
         finished.append(
             {
-                "job": job["job"],
+                "job": job.name,
                 "dataset": DATASETS.get(overrides["data"], overrides["data"]),
                 "amount": "little" if overrides.get("data.train_per_class", "null") != "null" else "more",
                 "train_per_class": overrides.get("data.train_per_class"),
@@ -216,7 +221,7 @@ class QuadrantsCallback(Callback):
         command = [sys.executable, "-m", "cvarch.train", *self.source, f"hydra.run.dir={run_dir}"]
         print("training the transfer source:", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True)
-        best = json.loads((run_dir / "metrics.json").read_text())["best_ckpt"]
+        best = read_job(run_dir).best_checkpoint()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best, target)
 
@@ -248,22 +253,27 @@ def write_readme(table: str, readme: str | Path) -> None:
     path.write_text(text[: begin + len(README_BEGIN)] + "\n" + table + text[end:])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m cvarch.quadrants <sweep dir> [--readme README.md]``: (re)writes the report of a quadrant
-    sweep, and with ``--readme`` also its table into the README's quadrants block."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    readme = None
-    if len(args) == 3 and args[1] == "--readme":
-        args, readme = args[:1], args[2]
-    if len(args) != 1:
-        raise SystemExit(
-            "usage: python -m cvarch.quadrants <sweep dir of experiment=transfer_quadrants> [--readme README.md]"
-        )
-    report(args[0])
-    table = (Path(args[0]) / "quadrants.md").read_text()
-    if readme:
-        write_readme(table, readme)
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """``python -m cvarch.quadrants`` as a function: (re)writes the report of the quadrant sweep
+    ``cfg.sweep_dir`` (:func:`report`), puts its table into ``cfg.readme``'s quadrants block when one is named,
+    and prints the table.
+
+    Args:
+        cfg: the ``quadrants`` root config (``@hydra.main`` or ``cvarch.compose(..., config_name="quadrants")``).
+    """
+    summary = report(cfg.sweep_dir)
+    table = (Path(cfg.sweep_dir) / "quadrants.md").read_text()
+    if cfg.readme:
+        write_readme(table, cfg.readme)
     print(table)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="quadrants")
+def main(cfg: DictConfig) -> None:
+    """``python -m cvarch.quadrants sweep_dir=… [readme=README.md]``; the last line printed is the sweep folder."""
+    run(cfg)
+    print(cfg.sweep_dir)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
-"""``cvarch-report <multirun dir>``: the ablation table of a sweep, grouped by what was swept.
+"""``cvarch-report sweep_dir=<multirun dir>``: the ablation table of a sweep, grouped by what was swept.
 
 Each job of a Hydra multirun leaves ``<sweep>/<n>/.hydra/overrides.yaml`` and, when it finishes,
-``<sweep>/<n>/metrics.json``. The report groups finished jobs by every swept factor except ``seed`` and gives
-each group's mean ± sample std and run count, the paired differences against a baseline (jobs that differ only
-in the baseline factor, seed included, are paired), a bar plot of the group means, and the jobs that did not
-finish. It works on a partial sweep. airbench and Composer report seeds the same way (mean ± std, n).
+``<sweep>/<n>/metrics.json`` (read through :func:`cvarch.runs.list_jobs`). The report groups finished jobs by
+every swept factor except ``seed`` and gives each group's mean ± sample std and run count, the paired differences
+against a baseline (jobs that differ only in the baseline factor, seed included, are paired), a bar plot of the
+group means, and the jobs that did not finish. It works on a partial sweep. airbench and Composer report seeds
+the same way (mean ± std, n).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
+import re
 import statistics
 import warnings
 from collections import defaultdict
@@ -19,8 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+import hydra
+from omegaconf import DictConfig
 
+from cvarch.config import CONFIG_PATH
+from cvarch.runs import Job, list_jobs
+
+WANDB_CHOICES = ("auto", "on", "off")
 NOT_FACTORS = (
     "seed",
     "paths.",
@@ -28,47 +34,32 @@ NOT_FACTORS = (
 )  # never grouping factors: seeds are averaged, paths are not settings
 
 
-def read_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every job folder of a sweep: ``{"job", "dir", "overrides" (key → value), "metrics" (or None)}``.
-
-    Raises:
-        FileNotFoundError: naming the folder when it holds no job (no ``*/.hydra/overrides.yaml``).
-    """
-    sweep_dir = Path(sweep_dir)
-    jobs = []
-    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
-        job_dir = overrides_file.parent.parent
-        overrides = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
-        metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        jobs.append({"job": job_dir.name, "dir": str(job_dir), "overrides": overrides, "metrics": metrics})
-    if not jobs:
-        raise FileNotFoundError(
-            f"{sweep_dir}: no job folders (*/.hydra/overrides.yaml); is it a multirun folder?"
-        )
-    return jobs
-
-
-def swept_factors(jobs: Sequence[dict[str, Any]]) -> list[str]:
+def swept_factors(jobs: Sequence[Job]) -> list[str]:
     """Override keys whose value differs between jobs, ``seed`` and path keys excluded, in first-seen order."""
     values: dict[str, set[str]] = defaultdict(set)
     for job in jobs:
-        for key in {k for j in jobs for k in j["overrides"]}:
-            values[key].add(job["overrides"].get(key, "(default)"))
-    keys = list(dict.fromkeys(k for j in jobs for k in j["overrides"]))
+        for key in {k for j in jobs for k in j.overrides}:
+            values[key].add(job.overrides.get(key, "(default)"))
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     return [k for k in keys if len(values[k]) > 1 and not k.startswith(NOT_FACTORS)]
 
 
-def _level(job: dict[str, Any], factors: Sequence[str]) -> tuple[str, ...]:
-    return tuple(job["overrides"].get(f, "(default)") for f in factors)
+def _level(job: Job, factors: Sequence[str]) -> tuple[str, ...]:
+    return tuple(job.overrides.get(f, "(default)") for f in factors)
 
 
-def groups(jobs: Sequence[dict[str, Any]], metric: str, factors: Sequence[str]) -> list[dict[str, Any]]:
+def _value(job: Job, metric: str) -> float | None:
+    """The job's ``metric``, or ``None`` while it is unfinished or when it did not record that key."""
+    value = (job.metrics or {}).get(metric)
+    return None if value is None else float(value)
+
+
+def groups(jobs: Sequence[Job], metric: str, factors: Sequence[str]) -> list[dict[str, Any]]:
     """Finished jobs grouped by ``factors``: ``{factor: value, …, "n", "mean", "std", "values"}`` per group."""
     by_level: dict[tuple[str, ...], list[float]] = defaultdict(list)
     for job in jobs:
-        if job["metrics"] is not None and job["metrics"].get(metric) is not None:
-            by_level[_level(job, factors)].append(float(job["metrics"][metric]))
+        if _value(job, metric) is not None:
+            by_level[_level(job, factors)].append(_value(job, metric))
     return [
         {
             **dict(zip(factors, level, strict=True)),
@@ -82,7 +73,7 @@ def groups(jobs: Sequence[dict[str, Any]], metric: str, factors: Sequence[str]) 
 
 
 def paired_differences(
-    jobs: Sequence[dict[str, Any]], metric: str, factors: Sequence[str], baseline: tuple[str, str]
+    jobs: Sequence[Job], metric: str, factors: Sequence[str], baseline: tuple[str, str]
 ) -> list[dict[str, Any]]:
     """Mean ± std of ``metric − metric(baseline job)`` per group, over jobs paired with the job whose overrides
     are the same except ``baseline[0]=baseline[1]`` (same seed: a paired comparison).
@@ -93,21 +84,21 @@ def paired_differences(
     key, value = baseline
     if key not in factors:
         raise ValueError(f"baseline {key}={value}: {key} is not a swept factor (swept: {list(factors)})")
-    finished = [j for j in jobs if j["metrics"] is not None and j["metrics"].get(metric) is not None]
+    finished = [j for j in jobs if _value(j, metric) is not None]
     reference = {
-        tuple(sorted((k, v) for k, v in j["overrides"].items() if k != key)): float(j["metrics"][metric])
+        tuple(sorted((k, v) for k, v in j.overrides.items() if k != key)): _value(j, metric)
         for j in finished
-        if j["overrides"].get(key) == value
+        if j.overrides.get(key) == value
     }
     if not reference:
         raise ValueError(f"baseline {key}={value}: no finished job has {key}={value}")
     diffs: dict[tuple[str, ...], list[float]] = defaultdict(list)
     for job in finished:
-        if job["overrides"].get(key) == value:
+        if job.overrides.get(key) == value:
             continue
-        partner = reference.get(tuple(sorted((k, v) for k, v in job["overrides"].items() if k != key)))
+        partner = reference.get(tuple(sorted((k, v) for k, v in job.overrides.items() if k != key)))
         if partner is not None:
-            diffs[_level(job, factors)].append(float(job["metrics"][metric]) - partner)
+            diffs[_level(job, factors)].append(_value(job, metric) - partner)
     return [
         {
             **dict(zip(factors, level, strict=True)),
@@ -128,13 +119,13 @@ def _history_value(row: dict[str, float], key: str) -> float | None:
     return None
 
 
-def curves(jobs: Sequence[dict[str, Any]], factors: Sequence[str], key: str) -> dict[str, list[list[float]]]:
+def curves(jobs: Sequence[Job], factors: Sequence[str], key: str) -> dict[str, list[list[float]]]:
     """Per group, the seed-averaged per-epoch ``key`` of the jobs' ``history.json`` (``LearningCurves``):
     ``{"norm=none": [[epoch, mean], …]}``."""
     per_epoch: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for job in jobs:
-        path = Path(job["dir"]) / "history.json"
-        if job["metrics"] is None or not path.is_file():
+        path = job.dir / "history.json"
+        if not job.finished or not path.is_file():
             continue
         label = " ".join(f"{f}={v}" for f, v in zip(factors, _level(job, factors), strict=True)) or "all"
         for row in json.loads(path.read_text()):
@@ -217,13 +208,12 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def wandb_node(jobs: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], str] | None:
+def wandb_node(jobs: Sequence[Job]) -> tuple[dict[str, Any], str] | None:
     """The ``logger.wandb`` node and ``task_name`` of the sweep's jobs (from a job's ``config.yaml``); ``None``
     when the jobs logged without W&B."""
     for job in jobs:
-        path = Path(job["dir"]) / "config.yaml"
-        if path.is_file():
-            cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = job.config()
+        if cfg is not None:
             node = (cfg.get("logger") or {}).get("wandb")
             return (node, cfg.get("task_name", "train")) if node else None
     return None
@@ -295,15 +285,21 @@ def report(
             per epoch and group into ``report_curves.png``.
         wandb: ``auto`` logs the report to W&B when the jobs logged to W&B (:func:`log_wandb`), ``on`` always
             (W&B's defaults: project cvarch, offline), ``off`` never.
+
+    Raises:
+        FileNotFoundError: naming the folder when it holds no job (:func:`cvarch.runs.list_jobs`).
+        ValueError: a ``wandb`` value other than ``auto``, ``on``, ``off``; a baseline that was not swept.
     """
-    jobs = read_jobs(sweep_dir)
+    if wandb not in WANDB_CHOICES:
+        raise ValueError(f"wandb={wandb!r}: expected one of {', '.join(WANDB_CHOICES)}")
+    jobs = list_jobs(sweep_dir)
     factors = swept_factors(jobs)
     summary: dict[str, Any] = {
         "sweep_dir": str(sweep_dir),
         "metric": metric,
         "factors": factors,
         "groups": groups(jobs, metric, factors),
-        "failed": [j["job"] for j in jobs if j["metrics"] is None],
+        "failed": [j.name for j in jobs if not j.finished],
         "baseline": list(baseline) if baseline else None,
         "paired": paired_differences(jobs, metric, factors, baseline) if baseline else [],
         "curve": curve,
@@ -330,40 +326,45 @@ def report(
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``cvarch-report <multirun dir> [--metric test/acc] [--baseline key=value] [--curve KEY] [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="cvarch-report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", help="a multirun folder (logs/<task>/multiruns/<time>)")
-    parser.add_argument("--metric", default="test/acc", help="metrics.json key to compare (default test/acc)")
-    parser.add_argument(
-        "--baseline", help="factor=value the other groups are paired against, e.g. norm=batchnorm"
-    )
-    parser.add_argument("--out", help="output folder (default: the sweep folder)")
-    parser.add_argument(
-        "--curve", help="history.json key plotted per epoch, e.g. train/error (1 − train/acc)"
-    )
-    parser.add_argument(
-        "--wandb",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="log the table and plots as a W&B run in the sweep's group: auto = when the jobs used W&B",
-    )
-    args = parser.parse_args(argv)
-    baseline = None
-    if args.baseline:
-        if "=" not in args.baseline:
-            parser.error(f"--baseline {args.baseline!r}: expected factor=value, e.g. norm=batchnorm")
-        baseline = tuple(args.baseline.split("=", 1))
+def parse_baseline(text: str | None) -> tuple[str, str] | None:
+    """``baseline=norm:batchnorm`` → ``("norm", "batchnorm")``; ``null`` → ``None``. A quoted
+    ``'baseline="norm=batchnorm"'`` reads the same (Hydra takes an unquoted ``=`` in a value for a second key).
+
+    Raises:
+        ValueError: naming ``baseline`` when the text is not ``factor:value``.
+    """
+    if text is None:
+        return None
+    match = re.fullmatch(r"([^:=]+)[:=](.+)", str(text))
+    if match is None:
+        raise ValueError(f"baseline={text!r}: expected factor:value, e.g. baseline=norm:batchnorm")
+    return match[1], match[2]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """``cvarch-report`` as a function: writes the report of ``cfg.sweep_dir`` (:func:`report`) into
+    ``cfg.out_dir`` and prints its Markdown table.
+
+    Args:
+        cfg: the ``report`` root config (from ``@hydra.main`` or ``cvarch.compose(..., config_name="report")``).
+    """
     summary = report(
-        args.sweep_dir,
-        metric=args.metric,
-        baseline=baseline,
-        out_dir=args.out,
-        curve=args.curve,
-        wandb=args.wandb,
+        cfg.sweep_dir,
+        metric=cfg.metric,
+        baseline=parse_baseline(cfg.baseline),
+        out_dir=cfg.out_dir,
+        curve=cfg.curve,
+        wandb=cfg.wandb,
     )
     print(markdown(summary), end="")
-    print(Path(args.out or args.sweep_dir))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
+def main(cfg: DictConfig) -> None:
+    """``cvarch-report sweep_dir=…``; the last line printed is the folder the report went to."""
+    run(cfg)
+    print(cfg.out_dir)
 
 
 if __name__ == "__main__":

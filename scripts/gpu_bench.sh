@@ -13,13 +13,13 @@ BIN=.venv/bin
 [ -x "$BIN/python" ] || BIN=$(dirname "$(command -v python3)")
 "$BIN/python" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.csv" || true
-BENCH=("$BIN/python" -m cvarch.bench --device cuda --workdir "$OUT/work" --repeats 3 --steps 100 --warmup 20)
+BENCH=("$BIN/python" -m cvarch.bench device=cuda "workdir=$OUT/work" repeats=3 steps=100 warmup=20)
 
 # 1. the benchmark on the GPU, fp32 eager
-"${BENCH[@]}" --only loader step startup --out "$OUT/bench_gpu_fp32.json" | tee "$OUT/bench_gpu_fp32.md"
+"${BENCH[@]}" "only=[loader,step,startup]" "out=$OUT/bench_gpu_fp32.json" | tee "$OUT/bench_gpu_fp32.md"
 # 2. the fast path: bf16 autocast, NHWC, compiled (the raw loop it is compared with stays fp32 eager)
-"${BENCH[@]}" --only step --out "$OUT/bench_gpu_fast.json" \
-  --override trainer.precision=bf16-mixed model.channels_last=true model.compile=true | tee "$OUT/bench_gpu_fast.md"
+"${BENCH[@]}" "only=[step]" "out=$OUT/bench_gpu_fast.json" \
+  'train_overrides=["trainer.precision=bf16-mixed","model.channels_last=true","model.compile=true"]' | tee "$OUT/bench_gpu_fast.md"
 
 "$BIN/python" - "$OUT" <<'EOF'
 import json, statistics, sys

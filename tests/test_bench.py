@@ -1,4 +1,5 @@
-"""cvarch-bench: the harness runs end to end in its reduced mode and writes the documented JSON (not the speed)."""
+"""cvarch-bench (a developer tool): the harness runs end to end in its reduced mode and writes the documented JSON
+(not the speed)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import statistics
 
 import pytest
 
-from cvarch.bench import TARGETS, bench, compare, rate
-from tests.conftest import make_image_tree
+import cvarch
+from cvarch.bench import TARGETS, compare, rate, run
+from tests.conftest import make_image_tree, run_cli
+
+
+def compose_bench(*overrides: str):
+    return cvarch.compose(*overrides, config_name="bench")
 
 
 def test_rate_excludes_the_warm_up_steps():
@@ -29,9 +35,8 @@ def test_compare_takes_the_median_of_per_repeat_ratios_favouring_cvarch_above_on
 def test_reduced_mode_writes_every_figure_in_the_documented_schema(tmp_path):
     root = make_image_tree(tmp_path / "tree", per_class=12, size=32)
     out = tmp_path / "bench.json"
-    argv = ["--quick", "--root", str(root), "--out", str(out), "--workdir", str(tmp_path / "work"),
-            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]  # fmt: skip
-    returned = bench(argv)
+    returned = run(compose_bench("quick=true", f"root={root}", f"out={out}", f"workdir={tmp_path / 'work'}",
+                                 f"cache_dir={tmp_path / 'cache'}", "device=cpu"))  # fmt: skip
     results = json.loads(out.read_text())
     assert results == json.loads(json.dumps(returned))
     assert {"machine", "device", "root", "quick", "repeats", "overrides"} <= set(results)
@@ -39,7 +44,7 @@ def test_reduced_mode_writes_every_figure_in_the_documented_schema(tmp_path):
     for name, unit in (("loader", "images/s"), ("step", "images/s"), ("epoch", "s")):
         figure = results[name]
         assert figure["unit"] == unit and figure["target"] == TARGETS[name]
-        assert len(figure["cvarch"]) == len(figure["reference"]) == len(figure["ratios"]) == 1  # --quick
+        assert len(figure["cvarch"]) == len(figure["reference"]) == len(figure["ratios"]) == 1  # quick=true
         assert all(v > 0 for v in figure["cvarch"] + figure["reference"])
         assert figure["median_ratio"] == statistics.median(figure["ratios"])
         assert figure["met"] == (figure["median_ratio"] >= figure["target"])
@@ -50,6 +55,25 @@ def test_reduced_mode_writes_every_figure_in_the_documented_schema(tmp_path):
     assert startup["slowest_imports"] and all(seconds > 0 for _, seconds in startup["slowest_imports"])
 
 
-def test_a_root_without_train_names_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--root: .* has no train/ folder"):
-        bench(["--root", str(tmp_path), "--out", str(tmp_path / "b.json")])
+def test_a_root_without_train_and_an_unknown_figure_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="root: .* has no train/ folder"):
+        run(compose_bench(f"root={tmp_path}", f"out={tmp_path / 'b.json'}"))
+    with pytest.raises(ValueError, match=r"only: unknown figures \['speed'\]"):
+        run(compose_bench(f"root={tmp_path}", "only=[loader,speed]"))
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter, then the loader figure on a tiny tree: ~15 s on 2 cores
+def test_the_cli_takes_key_value_overrides_and_composes_its_runs_inside_hydra(tmp_path):
+    root = make_image_tree(tmp_path / "tree", per_class=12, size=32)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    overrides = ["quick=true", "only=[loader]", f"root={root}", "out=bench.json", f"workdir={tmp_path / 'work'}",
+                 f"cache_dir={tmp_path / 'cache'}", "device=cpu"]  # fmt: skip
+    result = run_cli("cvarch-bench", *overrides, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in cwd.iterdir()] == ["bench.json"]  # Hydra wrote nothing of its own
+    results = json.loads((cwd / "bench.json").read_text())
+    assert set(results) & set(TARGETS) == {"loader"} and "| loader (images/s) |" in result.stdout
+    help_text = run_cli("cvarch-bench", "--help", cwd=cwd).stdout
+    assert help_text.startswith("cvarch-bench is a developer tool.") and "loader_batches: 20" in help_text

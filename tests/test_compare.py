@@ -170,6 +170,9 @@ def test_top1_from_a_folder_of_runs_is_the_mean_test_accuracy_per_model(tmp_path
         (run / "metrics.json").write_text(json.dumps({"test/acc": acc}))
     (tmp_path / "stray").mkdir()
     (tmp_path / "stray" / "metrics.json").write_text(json.dumps({"test/acc": 0.1}))  # no .hydra: unnamed
+    unfinished = tmp_path / "multirun" / "3" / ".hydra"  # no metrics.json: no accuracy to count
+    unfinished.mkdir(parents=True)
+    (unfinished / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      model: vgg16\n")
     assert cmp.read_top1(tmp_path) == pytest.approx({"resnet20": 91.0, "vgg16": 70.0})
 
 

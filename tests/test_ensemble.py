@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvarch.ensemble import best_checkpoint, ensemble, predict, run_dirs, topk_accuracy
+from cvarch.ensemble import ensemble, predict, run_dirs, topk_accuracy
+from cvarch.runs import read_job
 from tests.conftest import report, run_cli, tmp_overrides
 
 
@@ -24,7 +25,7 @@ def test_topk_accuracy_counts_targets_among_the_k_largest():
 def test_an_ensemble_of_identical_checkpoints_equals_the_single_model(default_run):
     run = default_run["output_dir"]
     metrics = json.loads((run / "metrics.json").read_text())
-    probs, targets, _ = predict(best_checkpoint(run), "test")
+    probs, targets, _ = predict(read_job(run).best_checkpoint(), "test")
     single = ensemble([run], split="test")
     double = ensemble([run, run], split="test")
     member = {k: single["members"][0][k] for k in ("acc", "acc_top5")}
@@ -64,7 +65,7 @@ def test_experiment_ensemble_trains_seeds_and_beats_their_mean_on_a_real_split(t
 
 
 def test_run_dirs_names_a_folder_without_runs(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(FileNotFoundError, match=f"runs: {tmp_path}: neither a run folder"):
         run_dirs([tmp_path])
 
 
@@ -73,19 +74,17 @@ def test_run_dirs_expands_a_multirun_folder_in_job_order(tmp_path):
         (tmp_path / job).mkdir()
         (tmp_path / job / "metrics.json").write_text("{}")
     (tmp_path / ".submitit").mkdir()  # not a job
+    (tmp_path / "5" / ".hydra").mkdir(parents=True)  # a job that did not finish: left out
     assert [p.name for p in run_dirs(tmp_path)] == ["0", "2", "10"]
     assert run_dirs([tmp_path / "2"]) == [tmp_path / "2"]
+    (tmp_path / "5" / "checkpoints").mkdir()  # named directly, an unfinished run serves its checkpoints
+    assert run_dirs([tmp_path / "5", tmp_path / "0"]) == [tmp_path / "5", tmp_path / "0"]
 
 
-def test_best_checkpoint_prefers_metrics_then_non_last(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.write_text("")
-    assert best_checkpoint(tmp_path) == last
-    best = tmp_path / "checkpoints" / "epoch003-acc0.9000.ckpt"
-    best.write_text("")
-    assert best_checkpoint(tmp_path) == best
-    (tmp_path / "metrics.json").write_text(json.dumps({"best_ckpt": str(last)}))
-    assert best_checkpoint(tmp_path) == last
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        best_checkpoint(tmp_path / "checkpoints")
+def test_run_dirs_names_a_multirun_folder_whose_jobs_all_failed(tmp_path):
+    for job in ("0", "1"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+    with pytest.raises(
+        FileNotFoundError, match=rf"runs: none of the 2 jobs of the multirun directory {tmp_path}"
+    ):
+        run_dirs(tmp_path)

@@ -15,16 +15,18 @@ import pytest
 import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
+import cvarch
 from cvarch import quadrants
 from cvarch.quadrants import (
     LECTURE,
     QuadrantsCallback,
     collect,
     job_accuracy,
-    main,
     markdown,
     report,
+    run,
     summarize,
 )
 from cvarch.transfer import STRATEGIES
@@ -229,30 +231,35 @@ def test_report_of_a_sweep_without_finished_jobs_names_the_folder(tmp_path):
         report(tmp_path)
 
 
-def test_main_prints_the_table_and_usage_without_a_folder(sweep, capsys):
-    main([str(sweep)])
-    assert "| | very similar dataset | very different dataset |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="usage: python -m cvarch.quadrants"):
-        main([])
+def compose_quadrants(*overrides: str):
+    return cvarch.compose(*overrides, config_name="quadrants")
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch and Lightning: ~6 s each on 2 cores
-def test_python_m_cvarch_quadrants_prints_the_table(sweep):
+def test_run_prints_the_table_and_needs_a_sweep_dir(sweep, capsys):
+    summary = run(compose_quadrants(f"sweep_dir={sweep}"))
+    out = capsys.readouterr().out
+    assert "| | very similar dataset | very different dataset |" in out
+    assert (sweep / "quadrants.md").read_text() in out and summary["failed"] == ["11"]
+    with pytest.raises(MissingMandatoryValue, match="Missing mandatory value: sweep_dir"):
+        run(compose_quadrants())
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch and Lightning: ~7 s each on 2 cores
+def test_python_m_cvarch_quadrants_prints_the_table_and_the_sweep_last(sweep, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    command = [sys.executable, "-m", "cvarch.quadrants"]
     proc = subprocess.run(
-        [sys.executable, "-m", "cvarch.quadrants", str(sweep)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*command, f"sweep_dir={sweep}"], cwd=cwd, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| | very similar dataset | very different dataset |" in proc.stdout
     assert "**linear_probe 60.0 ± 10.0 ◆ ★**" in proc.stdout
     assert (sweep / "quadrants.md").read_text() in proc.stdout
-    proc = subprocess.run(
-        [sys.executable, "-m", "cvarch.quadrants"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode != 0 and "usage: python -m cvarch.quadrants" in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(sweep)
+    assert not list(cwd.iterdir()) and not (sweep / ".hydra").exists()  # Hydra wrote nothing of its own
+    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Missing mandatory value: sweep_dir" in proc.stderr
 
 
 def callback_config(sweep: Path, source: str = DEFAULT_SOURCE, logger: dict | None = None):
@@ -392,7 +399,7 @@ def test_the_experiment_runs_end_to_end_on_real_cifar10_and_digits(cifar_root, t
 def test_the_table_goes_between_the_readme_markers(sweep, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\nbefore\n<!-- quadrants:begin -->\nold table\n<!-- quadrants:end -->\nafter\n")
-    quadrants.main([str(sweep), "--readme", str(readme)])
+    run(compose_quadrants(f"sweep_dir={sweep}", f"readme={readme}"))
     text = readme.read_text()
     table = (sweep / "quadrants.md").read_text()
     assert text == f"# x\n\nbefore\n<!-- quadrants:begin -->\n{table}<!-- quadrants:end -->\nafter\n"

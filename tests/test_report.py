@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cvarch.report import main, paired_differences, read_jobs, report, swept_factors
+import cvarch
+from cvarch.report import paired_differences, parse_baseline, report, run, swept_factors
+from cvarch.runs import list_jobs
 from tests.conftest import run_cli, tmp_overrides
 
 
@@ -43,8 +45,8 @@ def sweep(tmp_path) -> Path:
 
 
 def test_factors_are_the_overrides_that_vary_except_seed_and_paths(sweep):
-    jobs = read_jobs(sweep)
-    assert len(jobs) == 6 and sum(j["metrics"] is None for j in jobs) == 1
+    jobs = list_jobs(sweep)
+    assert len(jobs) == 6 and sum(j.metrics is None for j in jobs) == 1
     assert swept_factors(jobs) == ["norm"]  # seed is averaged over; optimizer.lr did not vary
 
 
@@ -68,7 +70,7 @@ def test_groups_means_stds_counts_and_the_failed_job(sweep, tmp_path):
 
 
 def test_paired_differences_pair_jobs_by_seed(sweep):
-    jobs = read_jobs(sweep)
+    jobs = list_jobs(sweep)
     (diff,) = paired_differences(jobs, "test/acc", ["norm"], ("norm", "batchnorm"))
     # seeds 0 and 1 are paired (seed 2 of norm=none failed): −0.20 and −0.14
     assert diff["pairs"] == 2 and diff["mean_diff"] == pytest.approx(-0.17)
@@ -81,15 +83,55 @@ def test_paired_differences_pair_jobs_by_seed(sweep):
 
 def test_a_folder_without_jobs_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        read_jobs(tmp_path)
+        report(tmp_path)
 
 
-def test_the_cli_prints_the_table_and_the_output_folder_last(sweep, capsys):
-    main([str(sweep), "--metric", "val/acc", "--baseline", "norm=batchnorm"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == str(sweep) and any("| none | -0.1700 ± 0.0424 | 2 |" in line for line in lines)
-    with pytest.raises(SystemExit):
-        main([str(sweep), "--baseline", "batchnorm"])
+def compose_report(*overrides: str):
+    return cvarch.compose(*overrides, config_name="report")
+
+
+def test_run_prints_the_table_and_refuses_a_baseline_without_a_value(sweep, capsys):
+    summary = run(compose_report(f"sweep_dir={sweep}", "metric=val/acc", "baseline=norm:batchnorm"))
+    out = capsys.readouterr().out
+    assert summary["metric"] == "val/acc" and summary["baseline"] == ["norm", "batchnorm"]
+    assert "| none | -0.1700 ± 0.0424 | 2 |" in out and (sweep / "report.md").read_text() == out
+    with pytest.raises(ValueError, match=r"baseline='batchnorm': expected factor:value"):
+        run(compose_report(f"sweep_dir={sweep}", "baseline=batchnorm"))
+    with pytest.raises(ValueError, match=r"wandb='yes': expected one of auto, on, off"):
+        run(compose_report(f"sweep_dir={sweep}", "wandb=yes"))
+
+
+def test_the_baseline_is_factor_colon_value_or_a_quoted_factor_equals_value():
+    assert parse_baseline("norm:batchnorm") == parse_baseline("norm=batchnorm") == ("norm", "batchnorm")
+    assert parse_baseline("optimizer.lr:0.1") == ("optimizer.lr", "0.1") and parse_baseline(None) is None
+    assert compose_report("sweep_dir=s", 'baseline="norm=batchnorm"').baseline == "norm=batchnorm"
+
+
+def test_out_dir_defaults_to_the_sweep_folder_and_can_be_another(sweep, tmp_path, capsys):
+    assert compose_report(f"sweep_dir={sweep}").out_dir == str(sweep)
+    run(compose_report(f"sweep_dir={sweep}", f"out_dir={tmp_path}/out", "curve=train/error"))
+    assert (tmp_path / "out" / "report.md").is_file() and not (sweep / "report.md").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: ~7 s on 2 cores
+def test_the_cli_writes_into_the_sweep_folder_only_and_prints_it_last(sweep, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = {p.name for p in sweep.iterdir()}
+    result = run_cli(
+        "cvarch-report", f"sweep_dir={sweep}", "metric=val/acc", "baseline=norm:batchnorm", cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == str(sweep) and "| none | -0.1700 ± 0.0424 | 2 |" in result.stdout
+    # Hydra leaves nothing of its own: no outputs/ or logs/ in the working directory, no .hydra/ or report.log
+    assert not list(cwd.iterdir())
+    assert {p.name for p in sweep.iterdir()} - before == {
+        "report.md",
+        "report.csv",
+        "report.json",
+        "report.png",
+    }
 
 
 @pytest.mark.slow
@@ -110,10 +152,9 @@ def test_a_real_2x2x2_sweep_and_its_report(tmp_path, launcher):
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli("cvarch-report", str(sweep), "--baseline", "norm=batchnorm")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == str(sweep)
+    returned = run(compose_report(f"sweep_dir={sweep}", "baseline=norm:batchnorm"))
     summary = json.loads((sweep / "report.json").read_text())
+    assert summary == json.loads(json.dumps(returned))
     assert summary["factors"] == ["norm", "init"] and not summary["failed"]
     for group in summary["groups"]:
         jobs = [
