@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# candidates drawn per Gamma sample: Marsaglia–Tsang accepts each with probability > 0.95 for shape ≥ 1,
-# so all 16 fail with probability < 0.05^16 ≈ 1.5e-21 and no Python loop (or device sync) is needed
-GAMMA_CANDIDATES = 16
 
 
 class AugmentOp(nn.Module):
@@ -511,28 +507,8 @@ class Cutout(AugmentOp):
         return x.masked_fill(mask, self.fill), y
 
 
-def _log_gamma(shape: float, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``n`` samples of log Gamma(shape, 1) from ``generator`` (Marsaglia & Tsang 2000), without a sync.
-
-    For shape < 1, Gamma(shape) = Gamma(shape + 1)·U^(1/shape); the result stays in log space so a small shape
-    (U^(1/0.2) underflows) keeps its precision.
-    """
-    boost = shape < 1
-    d = (shape + 1 if boost else shape) - 1 / 3
-    c = 1 / math.sqrt(9 * d)
-    z = torch.randn(n, GAMMA_CANDIDATES, generator=generator, device=device)
-    u = torch.rand(n, GAMMA_CANDIDATES, generator=generator, device=device)
-    v = (1 + c * z).pow(3).clamp_min(1e-12)
-    accept = (1 + c * z > 0) & (u.log() < 0.5 * z.square() + d - d * v + d * v.log())
-    first = accept.float().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
-    log_sample = (d * v).log().gather(1, first).squeeze(1)
-    if boost:
-        log_sample = log_sample + torch.rand(n, generator=generator, device=device).log() / shape
-    return log_sample
-
-
 def sample_beta(alpha: float, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``n`` samples of Beta(alpha, alpha) on ``device``, as X / (X + Y) with X, Y ~ Gamma(alpha).
+    """``n`` samples of Beta(alpha, alpha) on ``device``, by ``torch.distributions.Beta``, from ``generator``.
 
     Zhang et al. 2018, "mixup" §2: λ ~ Beta(α, α).
 
@@ -542,9 +518,27 @@ def sample_beta(alpha: float, n: int, generator: torch.Generator, device: torch.
         generator: the source of randomness.
         device: where the samples live.
     """
-    log_x = _log_gamma(alpha, n, generator, device)
-    log_y = _log_gamma(alpha, n, generator, device)
-    return torch.sigmoid(log_x - log_y)  # X / (X + Y), stable when both underflow
+    alpha = torch.tensor(float(alpha), device=device)
+    # validate_args=False: alpha > 0 is checked in the op's constructor; the check would sync with the device
+    beta = torch.distributions.Beta(alpha, alpha, validate_args=False)
+    return drawn_from(generator, lambda: beta.sample((n,)))
+
+
+def drawn_from(generator: torch.Generator, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """What ``draw`` returns when its random numbers come from ``generator``.
+
+    ``torch.distributions`` samplers take no generator: they draw from the default generator of their device.
+    Here that generator is given ``generator``'s state for the draw, ``generator`` then continues from where the
+    draw left it, and the default generator gets its own state back, so dropout and init never see the draw.
+    """
+    device = generator.device
+    accelerator = [] if device.type == "cpu" else [device]
+    module = torch if device.type == "cpu" else torch.get_device_module(device)
+    with torch.random.fork_rng(devices=accelerator, device_type=device.type):  # restores the default's state
+        module.set_rng_state(generator.get_state(), *accelerator)
+        out = draw()
+        generator.set_state(module.get_rng_state(*accelerator))
+    return out
 
 
 class _Mix(AugmentOp):

@@ -10,6 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 CURVES = (("loss", ("train/loss", "val/loss")), ("accuracy", ("train/acc", "val/acc")))
 
@@ -355,8 +356,8 @@ class TestPredictions(pl.Callback):
         self.num_images = num_images
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.targets: list[torch.Tensor] = []
-        self.preds: list[torch.Tensor] = []
+        # made at the first batch, sized by its logits (the model's classes, whichever appear in the split)
+        self.confusion: MulticlassConfusionMatrix | None = None
         self.images: list[tuple[torch.Tensor, int, int, float]] = []
 
     def on_test_batch_end(
@@ -371,22 +372,21 @@ class TestPredictions(pl.Callback):
         if not isinstance(outputs, dict) or "logits" not in outputs:
             return
         x, y = batch
-        self.num_classes = outputs["logits"].shape[1]  # the model's classes, whichever appear in the split
-        probs = outputs["logits"].detach().float().softmax(dim=1)
-        confidence, pred = probs.max(dim=1)
-        self.targets.append(y.cpu())
-        self.preds.append(pred.cpu())
+        logits = outputs["logits"].detach()
+        if self.confusion is None:
+            self.confusion = MulticlassConfusionMatrix(logits.shape[1]).to(logits.device)
+        confidence, pred = logits.float().softmax(dim=1).max(dim=1)
+        self.confusion.update(pred, y)
         for i in range(min(len(y), self.num_images - len(self.images))):
             self.images.append((x[i].cpu(), int(y[i]), int(pred[i]), float(confidence[i])))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.targets:
+        if self.confusion is None:
             return
-        targets, preds = torch.cat(self.targets), torch.cat(self.preds)
-        k = self.num_classes
-        # rows: true class, columns: predicted class; summed over DDP processes (each tested a shard)
-        local = torch.bincount(targets * k + preds, minlength=k * k).view(k, k)
-        matrix = trainer.strategy.reduce(local.to(pl_module.device), reduce_op="sum").cpu()
+        # rows: true class, columns: predicted class; under DDP, compute sums the processes' matrices (each
+        # tested a shard), so every process calls it
+        matrix = self.confusion.compute().cpu()
+        k = matrix.shape[0]
         if not trainer.is_global_zero:
             return
         datamodule = getattr(trainer, "datamodule", None)

@@ -158,6 +158,10 @@ def _yaml_files(root: Any) -> Iterator[Any]:
             yield entry
 
 
+# targets that earlier cvarch configs built and that run configs saved in older checkpoints still hold
+RETIRED_TARGETS = frozenset({"cvarch.init.apply_init"})  # init's one target before one class per scheme
+
+
 @functools.cache
 def packaged_targets() -> frozenset[str]:
     """The exact ``_target_`` names that cvarch's packaged configs, and the installed plugins' configs, build."""
@@ -178,7 +182,7 @@ def packaged_targets() -> frozenset[str]:
         for path in _yaml_files(root):
             tree = yaml.safe_load(path.read_text())
             targets.update(t for _, t in _target_keys(tree, "") if isinstance(t, str))
-    return frozenset(targets)
+    return frozenset(targets | RETIRED_TARGETS)
 
 
 @functools.cache

@@ -354,6 +354,20 @@ def test_beta_samples_have_the_moments_of_beta_alpha_alpha(alpha):
     assert lam.var().item() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.03)  # Var Beta(α, α)
 
 
+def test_beta_samples_are_torch_distributions_draws_from_the_generator_alone():
+    """λ is ``torch.distributions.Beta``'s draw, from the run's generator: the global stream (dropout, init) is
+    left where it was, and the draw does not depend on it."""
+    torch.manual_seed(1)
+    reference = torch.distributions.Beta(torch.tensor(0.2), torch.tensor(0.2)).sample((8,))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    generator = torch.Generator().manual_seed(1)
+    first = sample_beta(0.2, 8, generator, torch.device("cpu"))
+    assert torch.equal(first, reference) and torch.equal(torch.get_rng_state(), before)
+    second = sample_beta(0.2, 8, generator, torch.device("cpu"))
+    assert not torch.equal(second, first)  # the generator moved on
+
+
 def test_ops_run_in_stage_order_whatever_the_command_line_order(compose_tmp):
     aug = _augment(compose_tmp, "augment=[cutout,cifar]")
     assert list(aug.ops) == ["crop", "flip", "cutout"]

@@ -1,4 +1,5 @@
-"""LearningCurves, ActivationStats, DivergenceGuard: histories, figures, W&B, init-study numbers, divergence."""
+"""LearningCurves, ActivationStats, TestPredictions, DivergenceGuard: histories, figures, W&B, init-study numbers,
+the confusion matrix, divergence."""
 
 from __future__ import annotations
 
@@ -76,6 +77,33 @@ def test_test_predictions_write_the_confusion_matrix_and_log_it_with_test_images
     logged = {k: v for row in wandb_log.history(log) for k, v in row.items()}
     assert logged["test/confusion_matrix_table/nrows"] == 100  # 10 × 10 (actual, predicted, count) rows
     assert logged["test/predictions/nrows"] == 32 and logged["test/predictions/ncols"] == 4
+
+
+def test_the_confusion_matrix_is_scikit_learns_over_all_test_batches(tmp_path):
+    """Rows true class, columns predicted class, counted over every batch; the model's 4 classes, though the
+    split holds only 3 of them; written as {"classes", "matrix"}."""
+    from sklearn.metrics import confusion_matrix
+
+    from cvarch.callbacks import TestPredictions  # imported here: at the top, pytest would collect the class
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.rand(n, 1, 2, 2, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (16, 7)
+    ]
+    logits = [torch.randn(len(y), 4, generator=gen) for _, y in batches]
+    cb = TestPredictions(str(tmp_path), num_images=5)
+    trainer = SimpleNamespace(is_global_zero=True, loggers=[])
+    cb.on_test_epoch_start(trainer, None)
+    for i, (batch, out) in enumerate(zip(batches, logits, strict=True)):
+        cb.on_test_batch_end(trainer, None, {"logits": out}, batch, i)
+    cb.on_test_epoch_end(trainer, None)
+    written = json.loads((tmp_path / "confusion_matrix.json").read_text())
+    targets, preds = torch.cat([y for _, y in batches]), torch.cat(logits).argmax(dim=1)
+    expected = confusion_matrix(targets.numpy(), preds.numpy(), labels=range(4)).tolist()
+    assert written == {"classes": ["0", "1", "2", "3"], "matrix": expected}
+    assert sum(map(sum, expected)) == 23 and [row[3] for row in expected] != [0, 0, 0, 0]
+    first = list(zip(targets[:5].tolist(), preds[:5].tolist(), strict=True))
+    assert [(label, pred) for _, label, pred, _ in cb.images] == first  # the W&B table's images
 
 
 def _trainer_at(step: int, epoch: int = 0):

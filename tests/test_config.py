@@ -66,10 +66,9 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
         assert logits.shape == (2, cfg.data.num_classes)
     elif group == "init":
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-        extra = (
-            {"batch": torch.randn(2, 3, 8, 8)} if cfg[group].get("scheme") == "lsuv" else {}
-        )  # data-driven
-        assert instantiate(cfg[group])(model, **extra) is model
+        init = instantiate(cfg[group])
+        extra = {"batch": torch.randn(2, 3, 8, 8)} if init.needs_batch else {}  # data-driven (LSUV)
+        assert init(model, **extra) is model
     elif group == "norm":
         layer = instantiate(cfg.norm)(64)
         assert layer(torch.randn(2, 64, 4, 4)).shape == (2, 64, 4, 4)

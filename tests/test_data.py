@@ -4,6 +4,7 @@ and the transfer-learning options: train_per_class, class selection, RGB digits.
 from __future__ import annotations
 
 import os
+import re
 import time
 from types import SimpleNamespace
 
@@ -11,7 +12,6 @@ import pytest
 import torch
 from torchvision.io import decode_image, write_jpeg
 
-from cvarch import data
 from cvarch.data import (
     BatchLoader,
     DigitsDataModule,
@@ -19,7 +19,10 @@ from cvarch.data import (
     ImageFolderDataModule,
     Split,
     carve,
+    decode,
+    imagefolder,
     per_class_subset,
+    stream,
 )
 from tests.conftest import make_image_tree
 
@@ -140,10 +143,8 @@ def test_imagefolder_cache_is_reused_and_invalidated_by_a_changed_file(image_tre
     assert len(list(cache.glob("*.pt"))) == 1
 
     decoded = []
-    import cvarch.data as data
-
-    real = data.decode_image_file
-    monkeypatch.setattr(data, "decode_image_file", lambda *a: decoded.append(a) or real(*a))
+    real = decode.decode_image_file
+    monkeypatch.setattr(decode, "decode_image_file", lambda *a: decoded.append(a) or real(*a))
     second = ImageFolderDataModule(**kwargs)
     second.setup()
     assert decoded == []  # no JPEG/PNG is decoded again
@@ -158,6 +159,18 @@ def test_imagefolder_cache_is_reused_and_invalidated_by_a_changed_file(image_tre
     third.setup()
     assert len(decoded) == 30  # the change invalidated the cache: everything was decoded anew
     assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_a_cache_file_that_would_run_code_is_refused_naming_the_cache_dir(image_tree, tmp_path):
+    """The cache is read as checkpoints are (cvarch.checkpoint.load_checkpoint_file): a shared cache folder is
+    data, and a file whose unpickling would run code is refused before any of it runs."""
+    kwargs = dict(root=str(image_tree), num_classes=3, channels=3, cache_dir=str(tmp_path / "cache"))
+    ImageFolderDataModule(**kwargs).setup()
+    (path,) = (tmp_path / "cache").glob("*.pt")
+    torch.save({"classes": SimpleNamespace(), "splits": {}}, path)  # a pickled object, not tensors
+    refused = rf"data\.cache_dir: {re.escape(str(path))} cannot be loaded with weights_only=True"
+    with pytest.raises(ValueError, match=refused):
+        ImageFolderDataModule(**kwargs).setup()
 
 
 def test_max_per_class_keeps_the_first_files(image_tree):
@@ -276,11 +289,9 @@ def test_train_per_class_shares_the_cache_of_the_full_data(image_tree, tmp_path,
     kwargs = dict(root=str(image_tree), num_classes=3, channels=3, val_fraction=0.2, test_fraction=0.2)
     full = ImageFolderDataModule(cache_dir=str(tmp_path / "cache"), **kwargs)
     full.setup()
-    import cvarch.data as data
-
     decoded = []
-    real = data.decode_image_file
-    monkeypatch.setattr(data, "decode_image_file", lambda *a: decoded.append(a) or real(*a))
+    real = decode.decode_image_file
+    monkeypatch.setattr(decode, "decode_image_file", lambda *a: decoded.append(a) or real(*a))
     few = ImageFolderDataModule(cache_dir=str(tmp_path / "cache"), train_per_class=2, **kwargs)
     few.setup()
     assert decoded == [] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
@@ -508,7 +519,7 @@ def test_a_streamed_folder_gives_the_splits_and_batches_of_the_in_memory_one(ima
 
 
 def test_a_streamed_folder_fits_statistics_on_a_seeded_sample(image_tree, monkeypatch):
-    monkeypatch.setattr(data, "STREAM_FIT_IMAGES", 5)
+    monkeypatch.setattr(stream, "STREAM_FIT_IMAGES", 5)
     streamed, in_memory = _stream_and_memory(image_tree)
     sample = streamed.train_images
     assert sample.shape == (5, 3, 12, 12) and torch.equal(sample, streamed.train_images)  # drawn once
@@ -518,9 +529,9 @@ def test_a_streamed_folder_fits_statistics_on_a_seeded_sample(image_tree, monkey
 
 def test_stream_auto_streams_a_tree_bigger_than_half_the_free_memory(image_tree, monkeypatch):
     decoded = 3 * 12 * 12 * 30  # 30 images of 3×12×12 bytes
-    monkeypatch.setattr(data, "available_memory", lambda device: 2 * decoded - 2)
+    monkeypatch.setattr(imagefolder, "available_memory", lambda device: 2 * decoded - 2)
     assert ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3).streamed
-    monkeypatch.setattr(data, "available_memory", lambda device: 2 * decoded)
+    monkeypatch.setattr(imagefolder, "available_memory", lambda device: 2 * decoded)
     assert not ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3).streamed
 
 

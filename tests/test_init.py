@@ -1,7 +1,9 @@
-"""cvarch/init.py: each scheme's weight statistics against its formula, and the lecture's activation study."""
+"""cvarch/init.py: each scheme's class against its YAML, its weight statistics against its formula, and the lecture's
+activation study."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from torch import nn
 
 import cvarch
 from cvarch.config import CONFIG_DIR
-from cvarch.init import apply_init
+from cvarch.init import LSUV, SCHEMES, apply_init
 
 OPTIONS = sorted(p.stem for p in (Path(CONFIG_DIR) / "init").glob("*.yaml"))
 
@@ -43,14 +45,58 @@ def test_biases_zero_and_norms_identity_after_every_scheme(scheme):
     model = _zoo()
     for p in model.parameters():
         nn.init.normal_(p)
-    batch = torch.randn(16, 3, 4, 4)
-    extra = {"batch": batch} if scheme == "lsuv" else {}
-    model = instantiate(OmegaConf.load(Path(CONFIG_DIR) / "init" / f"{scheme}.yaml"))(model, **extra)
+    init = instantiate(OmegaConf.load(Path(CONFIG_DIR) / "init" / f"{scheme}.yaml"))
+    model = init(model, **({"batch": torch.randn(16, 3, 4, 4)} if init.needs_batch else {}))
     for m in model.modules():
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             assert torch.all(m.bias == 0)
         if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_each_option_builds_its_scheme_class_with_every_argument_a_key(option):
+    """``init=<option>`` is one ``_target_``: the class ``apply_init`` knows by that name, each of whose arguments
+    is a key of the YAML (so ``init.<key>=…`` reaches it), and the same draws as ``apply_init(model, option)``."""
+    node = OmegaConf.load(Path(CONFIG_DIR) / "init" / f"{option}.yaml")
+    cls = SCHEMES[option]
+    assert node._target_ == f"cvarch.init.{cls.__name__}" and cls.name == option
+    assert set(node) - {"_target_"} == set(inspect.signature(cls).parameters)
+    init = instantiate(node)
+    assert type(init) is cls and init.needs_batch == (option == "lsuv")  # LSUV alone is data-driven
+    batch = {"batch": torch.randn(16, 3, 4, 4)} if init.needs_batch else {}
+    torch.manual_seed(0)
+    from_yaml = init(_zoo(), **batch)
+    torch.manual_seed(0)
+    from_name = apply_init(_zoo(), option, **batch)
+    for a, b in zip(from_yaml.parameters(), from_name.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_the_init_node_of_older_run_configs_still_builds_the_same_scheme(option):
+    """Run configs saved before one class per scheme hold ``{_target_: cvarch.init.apply_init, _partial_: true,
+    scheme: <option>, <options>}``; built, that node still applies the scheme its YAML now builds."""
+    node = OmegaConf.load(Path(CONFIG_DIR) / "init" / f"{option}.yaml")
+    old = {"_target_": "cvarch.init.apply_init", "_partial_": True, "scheme": option}
+    old.update({key: value for key, value in node.items() if key != "_target_"})
+    batch = {"batch": torch.randn(16, 3, 4, 4)} if option == "lsuv" else {}
+    torch.manual_seed(0)
+    before = instantiate(old)(_zoo(), **batch)
+    torch.manual_seed(0)
+    now = instantiate(node)(_zoo(), **batch)
+    for a, b in zip(before.parameters(), now.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_training_gives_a_data_driven_init_the_first_preprocessed_training_batch(compose_tmp, monkeypatch):
+    seen = []
+    fit = LSUV.fit
+    monkeypatch.setattr(LSUV, "fit", lambda self, model, batch: seen.append(batch) or fit(self, model, batch))
+    cvarch.train(compose_tmp("debug=fdr", "logger=none", "init=lsuv", "data.batch_size=32"))
+    (batch,) = seen
+    assert batch.shape == (32, 1, 8, 8) and batch.dtype == torch.float32  # digits, as the model sees them
+    assert abs(batch.mean().item()) < 0.5 and 0.5 < batch.std().item() < 2  # standardized by preprocess
 
 
 def test_default_changes_nothing():
@@ -149,9 +195,9 @@ def test_lsuv_gives_unit_output_variance_on_its_batch():
 
 
 def test_lsuv_without_batch_and_bad_options_raise():
-    with pytest.raises(ValueError, match=r"init\.scheme=lsuv.*batch is required"):
+    with pytest.raises(ValueError, match=r"init=lsuv is data-driven: a batch is required"):
         apply_init(nn.Linear(2, 2), "lsuv")
-    with pytest.raises(ValueError, match=r"init\.scheme='nope'.*kaiming"):
+    with pytest.raises(ValueError, match=r"init='nope' is not one of .*kaiming"):
         apply_init(nn.Linear(2, 2), "nope")
     with pytest.raises(ValueError, match=r"init\.std .*valid: \['distribution', 'gain', 'mode'"):
         apply_init(nn.Linear(2, 2), "xavier", std=1.0)

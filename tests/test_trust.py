@@ -359,3 +359,11 @@ def test_a_plain_module_whose_head_misses_the_dataset_is_named(mylab, compose_tm
     cfg = compose_tmp(*QUICK, f"hydra.searchpath=[file://{mylab / 'myconf'}]", "model=plain_linear7")
     with pytest.raises(ValueError, match=r"model: Sequential outputs 7 logits but data.num_classes=10"):
         cvarch.train(cfg)
+
+
+def test_a_checkpoint_config_of_the_previous_init_shape_is_still_received():
+    # before one class per scheme, every init node built cvarch.init.apply_init; saved run configs still hold it
+    old = {"init": {"_target_": "cvarch.init.apply_init", "_partial_": True, "scheme": "kaiming"}}
+    check_received(old, "ckpt_path: old.ckpt")
+    with pytest.raises(ConfigError, match=r"init\._target_"):
+        check_received({"init": {"_target_": "cvarch.init.apply_init_x"}}, "ckpt_path: old.ckpt")
