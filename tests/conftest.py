@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-from torchvision.io import write_png
 
-import cvarch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one torch thread per worker, subprocesses included
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+from torchvision.io import write_png  # noqa: E402
+
+import cvarch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -99,18 +104,51 @@ def default_run(tmp_path_factory):
     return {"proc": proc, "output_dir": output_dir, "tmp": tmp}
 
 
-FIGURES: list[str] = []
+def pytest_configure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller: its xdist workers inherit the variable
+        fd, path = tempfile.mkstemp(prefix="cvarch-figures-", suffix=".txt")
+        os.close(fd)
+        os.environ["CVARCH_TEST_FIGURES"] = path
+
+
+CHEAP_SHARED = {"cifar_root"}  # shared fixtures that cost nothing to set up twice
+SLOW_FIXTURES = {"default_run"}  # a test that uses one of these is slow: `make test-fast` leaves it out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n 2 --dist loadgroup``, the tests that share an expensive session- or module-scoped
+    fixture (a trained run, a built model) go to one worker, so the fixture is set up once, not once per worker."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        info = getattr(item, "_fixtureinfo", None)
+        shared = [
+            f"{defs[-1].baseid or 'conftest'}::{name}"
+            for name, defs in (info.name2fixturedefs.items() if info else ())
+            if defs
+            and defs[-1].scope in ("session", "module")
+            and defs[-1].baseid.startswith("tests")
+            and name not in CHEAP_SHARED
+        ]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(sorted(shared)[0]))
 
 
 def report(line: str) -> None:
-    """Records a measured figure; the list is printed at the end of the pytest run."""
-    FIGURES.append(line)
+    """Records a measured figure; the list is printed at the end of the pytest run (from every xdist worker)."""
+    with open(os.environ["CVARCH_TEST_FIGURES"], "a") as figures:
+        figures.write(line.replace("\n", " ") + "\n")
 
 
 def pytest_terminal_summary(terminalreporter):
-    if FIGURES:
+    path = os.environ.get("CVARCH_TEST_FIGURES")
+    if os.environ.get("PYTEST_XDIST_WORKER") or not path or not os.path.exists(path):
+        return
+    lines = Path(path).read_text().splitlines()
+    os.unlink(path)
+    if lines:
         terminalreporter.section("cvarch measured figures")
-        for line in FIGURES:
+        for line in lines:
             terminalreporter.write_line(line)
 
 
