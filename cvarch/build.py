@@ -179,8 +179,11 @@ def build_from_checkpoint(
         tta: a ``tta`` group node; ``None`` keeps the run's own.
     """
     augment = build_augment(run_cfg)
-    model = build_model(run_cfg, image_shape=augment.output_shape(image_shape), initialize=False)
-    module = build_module(run_cfg, model, augment=augment, tta=tta)
+    transfer = build_transfer(run_cfg)
+    model = build_model(
+        run_cfg, image_shape=augment.output_shape(image_shape), initialize=False, transfer=transfer
+    )
+    module = build_module(run_cfg, model, augment=augment, tta=tta, transfer=transfer)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     module.set_image_size(image_shape[-1])
     return module
@@ -204,6 +207,7 @@ def build_module(
     preprocess: nn.Module | None = None,
     augment: Augment | None = None,
     tta: DictConfig | None = None,
+    transfer: Transfer | None = None,
 ) -> ClassificationModule:
     """Wraps ``model`` with the loss, metrics, preprocess, augment, test-time views, regularizer, optimizer and
     scheduler of ``cfg``.
@@ -214,10 +218,11 @@ def build_module(
         preprocess: an already fitted ``preprocess`` module; by default a new one is built (and fitted later).
         augment: an already built ``augment`` pipeline; by default built from ``cfg``.
         tta: a ``tta`` group node to use instead of ``cfg.tta`` (``cvarch-eval tta=…`` on an older run).
+        transfer: the run's transfer strategy, if already built (the one :func:`build_model` applied).
     """
     scheduler, lightning = scheduler_parts(OmegaConf.to_container(cfg.scheduler, resolve=True))
     optimizer, groups = optimizer_parts(OmegaConf.to_container(cfg.optimizer, resolve=True))
-    transfer_mult = build_transfer(cfg).lr_mult(model, cfg.model)
+    transfer_mult = (transfer if transfer is not None else build_transfer(cfg)).lr_mult(model)
     if transfer_mult:  # the user's optimizer.groups.lr_mult prefixes win over the transfer strategy's
         user = dict(groups.get("lr_mult") or {})
         kept = {k: v for k, v in transfer_mult.items() if not any(matches(k, p) for p in user)}

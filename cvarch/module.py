@@ -17,15 +17,21 @@ from cvarch.checkpoint import rng_state, set_rng_state
 from cvarch.optimizer import param_groups
 from cvarch.preprocess import Rescale
 from cvarch.regularizer import Regularizer
-from cvarch.transfer import StageProbes, frozen_eval
+from cvarch.transfer import frozen_eval
 from cvarch.tta import TestTimeAugment
 
 
 class ClassificationModule(pl.LightningModule):
     """Cross-entropy classification with top-1/top-5 accuracy, a fitted preprocess and explicit penalties.
 
+    The model maps float (N, C, H, W) images to logits (N, num_classes), or to a tuple ``(logits, *aux)`` of
+    several heads' logits, the prediction first: GoogLeNet in training (its auxiliary classifiers, each loss
+    weighted by ``aux_weight``) and transfer's ``StageProbes`` always. A model that names its heads declares
+    ``head_loss_weights`` (name → loss weight, in output order): each named head then has its own loss weight,
+    its own ``train/loss_<name>`` (auxiliary heads) and its own ``val/acc_<name>`` and ``test/acc_<name>``.
+
     Args:
-        model: the network; maps float (N, C, H, W) to logits (N, num_classes).
+        model: the network.
         num_classes: classes of the task (for the accuracy metrics).
         optimizer: ``torch.optim`` partial (the ``optimizer`` group), completed with the parameter groups here.
         scheduler: ``torch.optim.lr_scheduler`` partial (the ``scheduler`` group), or ``None``. A ``total_steps``
@@ -86,15 +92,16 @@ class ClassificationModule(pl.LightningModule):
         self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc_tta = MulticlassAccuracy(num_classes, average="micro")
         self.test_top5_tta = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
-        # transfer=stage_probes: the model returns {"stage<k>": logits}; each stage gets its own accuracy
-        self.stage_names = list(model.names) if isinstance(model, StageProbes) else []
-        self.stage_acc = nn.ModuleDict(
+        heads = dict(getattr(model, "head_loss_weights", None) or {})  # named heads (transfer=stage_probes)
+        self.head_names, self.head_weights = list(heads), list(heads.values())
+        self.head_acc = nn.ModuleDict(
             {
                 f"{split}_{name}": MulticlassAccuracy(num_classes, average="micro")
                 for split in ("val", "test")
-                for name in self.stage_names
+                for name in self.head_names
             }
         )
+        self._batch_idx = -1  # of the running training epoch, for _pending_plateau_steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(x))
@@ -110,6 +117,10 @@ class ClassificationModule(pl.LightningModule):
         # Lightning 2.6 never calls train() itself: it keeps (and restores after validation) each module's mode
         frozen_eval(self.model)
         self._train_acc_logged = False
+        self._batch_idx = -1
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
 
     def set_image_size(self, size: int) -> None:
         """Sizes the test-time views for images of side ``size``: the center view is the training crop."""
@@ -151,7 +162,7 @@ class ClassificationModule(pl.LightningModule):
         is written: it saves at validation end and steps plateau schedulers after it, so a resumed run would
         otherwise skip one step (Lightning 2.6 ``fit_loop.on_advance_end``)."""
         trainer = self.trainer
-        if not trainer.training or not trainer.fit_loop.epoch_loop._num_ready_batches_reached():
+        if not trainer.training or not self._epoch_done():
             return []
         pending = []
         for config in trainer.lr_scheduler_configs:
@@ -160,6 +171,13 @@ class ClassificationModule(pl.LightningModule):
             if config.reduce_on_plateau and config.interval == "epoch" and due and metric is not None:
                 pending.append(float(metric))
         return pending
+
+    def _epoch_done(self) -> bool:
+        """Whether the training epoch's last batch has started: Lightning 2.6's private
+        ``TrainingEpochLoop._num_ready_batches_reached``, from public state (the batch index this module was
+        given, the Trainer's ``num_training_batches`` and ``is_last_batch``)."""
+        trainer = self.trainer
+        return self._batch_idx + 1 >= trainer.num_training_batches or trainer.is_last_batch
 
     def on_train_start(self) -> None:
         steps = getattr(self, "_plateau_steps_to_replay", [])
@@ -175,22 +193,15 @@ class ClassificationModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        aux: tuple[torch.Tensor, ...] = ()
-        if isinstance(logits, (tuple, list)):  # (main, *auxiliary heads), e.g. GoogLeNet in training
-            logits, *aux = logits
-        stages = logits if isinstance(logits, dict) else {}
-        if stages:  # stage probes: one loss each, summed (the probes share no parameter)
-            logits = stages[self.stage_names[-1]]
+        heads = self._heads(self(x))  # (main, *auxiliary heads)
+        logits = heads[0]
         # y is int64 labels, or (N, K) soft targets after mixup/cutmix: cross_entropy takes both
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        for name in self.stage_names[:-1]:
-            stage_loss = F.cross_entropy(stages[name], y, label_smoothing=self.label_smoothing)
-            self.log(f"train/loss_{name}", stage_loss, on_step=False, on_epoch=True, sync_dist=True)
-            loss = loss + stage_loss
-        for head in aux:
-            aux_loss = F.cross_entropy(head, y, label_smoothing=self.label_smoothing)
-            loss = loss + self.aux_weight * aux_loss
+        losses = [F.cross_entropy(head, y, label_smoothing=self.label_smoothing) for head in heads]
+        # unnamed auxiliary heads weigh aux_weight each (GoogLeNet); named ones, what the model says
+        weights = self.head_weights or [1.0] + [self.aux_weight] * (len(heads) - 1)
+        loss = sum(w * head_loss for w, head_loss in zip(weights, losses, strict=True))
+        for name, head_loss in zip(self.head_names[1:], losses[1:], strict=False):  # unnamed: not logged
+            self.log(f"train/loss_{name}", head_loss, on_step=False, on_epoch=True, sync_dist=True)
         penalty = self.regularizer(self.model)
         if penalty is not None:  # logged apart from the data term
             self.log("train/data_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
@@ -211,32 +222,38 @@ class ClassificationModule(pl.LightningModule):
         return loss
 
     def _logs_this_step(self) -> bool:
-        """Whether Lightning sends this step's on-step values to the loggers (every ``log_every_n_steps``); True
-        outside a Trainer."""
-        connector = getattr(self._trainer, "_logger_connector", None)
-        return connector is None or connector.should_update_logs
+        """Whether Lightning sends this step's on-step values to the loggers; True outside a Trainer.
+
+        Lightning 2.6's ``LoggerConnector.should_update_logs``, from public Trainer state: every
+        ``log_every_n_steps`` batches that stepped (``global_step`` with one optimizer), and when the run stops.
+        """
+        if self._trainer is None:
+            return True
+        trainer = self.trainer
+        if trainer.log_every_n_steps == 0:
+            return False
+        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The main head's logits of uint8 or [0, 1] float images (auxiliary heads dropped; of stage probes,
         the top stage's)."""
-        return self._main(self(x))
+        return self._heads(self(x))[0]
 
-    def _main(self, logits: Any) -> torch.Tensor:
-        if isinstance(logits, dict):
-            return logits[self.stage_names[-1]]
-        return logits[0] if isinstance(logits, (tuple, list)) else logits  # auxiliary heads do not count
+    @staticmethod
+    def _heads(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A model's output as ``(main, *auxiliary)`` logits."""
+        return tuple(output) if isinstance(output, (tuple, list)) else (output,)
 
     def _evaluate(
         self, batch, prefix: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy
     ) -> torch.Tensor:
         x, y = batch
-        output = self(self.tta.center(x))
-        if isinstance(output, dict):
-            for name, stage_logits in output.items():
-                metric = self.stage_acc[f"{'val' if prefix == 'val' else 'test'}_{name}"]
-                metric(stage_logits, y)
-                self.log(f"{prefix}/acc_{name}", metric, on_epoch=True)
-        logits = self._main(output)
+        heads = self._heads(self(self.tta.center(x)))
+        for name, head in zip(self.head_names, heads, strict=False):  # only heads the model returns in eval
+            metric = self.head_acc[f"{'val' if prefix == 'val' else 'test'}_{name}"]
+            metric(head, y)
+            self.log(f"{prefix}/acc_{name}", metric, on_epoch=True)
+        logits = heads[0]
         acc(logits, y)
         top5(logits, y)
         self.log(

@@ -220,13 +220,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         preprocess.fit(datamodule.train_images)
     augment = build_augment(cfg)
     input_shape = augment.output_shape(datamodule.image_shape)  # what the model sees
-    batch = None
-    if cfg.init.get("scheme") == "lsuv":  # data-driven init: the first training batch, as the model sees it
+    batch = None  # a data-driven init (needs_batch: LSUV) gets the first training batch, as the model sees it
+    if getattr(instantiate(cfg.init), "needs_batch", False):
         images = next(iter(datamodule.train_dataloader()))[0]
         batch = preprocess(TestTimeAugment().configure(input_shape[-1]).center(images))
     model = build_model(cfg, image_shape=input_shape, batch=batch, transfer=transfer)
     cost = model_cost(model, input_shape)
-    module = build_module(cfg, model, preprocess=preprocess, augment=augment)
+    module = build_module(cfg, model, preprocess=preprocess, augment=augment, transfer=transfer)
     if ckpt is not None:
         check_fits(module, ckpt, ckpt_path, num_classes=cfg.data.num_classes)
         del ckpt  # Lightning loads it again in fit

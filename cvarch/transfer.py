@@ -17,6 +17,9 @@ A ``source`` is a cvarch checkpoint (its architecture, fitted preprocessing and 
 is loaded with ``weights_only=True``), a state-dict file in the model's own key format (torchvision's ``.pth``
 files fit cvarch's ResNet and VGG, which keep torchvision's names), or a torchvision weights name such as
 ``IMAGENET1K_V1``, read from the torch hub cache.
+
+The stages and the head are what the model declares (``feature_info`` and ``get_classifier()``, timm's names; see
+:mod:`cvarch.models.layers`): nothing here guesses them from module names.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.func import functional_call
@@ -43,10 +45,6 @@ from cvarch.config import check_received, model_parts
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("scratch", "linear_probe", "stage_probes", "finetune_top", "finetune_all")
-# modules whose output ends a stage inside a ``features`` Sequential (VGG, AlexNet, SqueezeNet, DenseNet)
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
-# top-level modules that start the classifier of a net without ``features`` (GoogLeNet, MLP)
-_CLASSIFIER = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout, nn.Linear)
 
 
 @dataclass
@@ -89,7 +87,8 @@ class Transfer:
         k: ``finetune_top``: how many of the last stages train (with everything above them).
         backbone_lr_mult: lr multiplier of the pretrained part that trains (the new head has 1).
         stage_lr_decay: further factor per stage below the top one (ULMFiT §3.2: 1/2.6); 1 = uniform.
-        stages: module names whose outputs end the stages; ``None`` = the zoo's stages (:func:`stage_nodes`).
+        stages: module names whose outputs end the stages; ``None`` = the stages the model declares in its
+            ``feature_info`` (:func:`stage_nodes`).
         download: fetch torchvision weights missing from the hub cache (with a 10 s reachability check).
     """
 
@@ -156,7 +155,7 @@ class Transfer:
         with open_dict(cfg):
             if source.run_config is not None and self.use_source_model:
                 model = OmegaConf.to_container(source.run_config.model, resolve=True)
-                if "num_classes" in model:  # a plain torch.nn source sizes its own head: see head_keys
+                if "num_classes" in model:  # a plain torch.nn source sizes its own head
                     model["num_classes"] = int(cfg.data.num_classes)
                 model.update(model_parts(cfg.model)[1])  # channels_last, compile: the run's own choice
                 channels = model.get("in_channels", cfg.data.channels)
@@ -183,13 +182,13 @@ class Transfer:
 
         Args:
             model: the built and initialized model; its head holds the ``init`` group's fresh weights.
-            model_cfg: the ``model`` node it was built from (the head is what depends on ``num_classes``).
+            model_cfg: the ``model`` node it was built from (its ``num_classes`` sizes the stage probes).
             image_shape: (C, H, W) the model sees; sizes the stage probes.
             load: load the source weights; off when a checkpoint's weights replace them (``cvarch-eval``).
         """
         if self.strategy == "scratch":
             return model
-        head = head_keys(model_cfg)
+        head = head_keys(model)
         if load:
             load_weights(model, self.loaded_source(), head, self.new_head)
         if self.strategy == "stage_probes":
@@ -202,7 +201,7 @@ class Transfer:
         return model
 
     def stage_nodes(self, model: nn.Module) -> list[str]:
-        """``transfer.stages`` checked against the model, else the zoo's stages."""
+        """``transfer.stages`` checked against the model, else the stages the model declares."""
         if self.stages is None:
             return stage_nodes(model)
         modules = dict(model.named_modules())
@@ -230,7 +229,7 @@ class Transfer:
             return {n for n in names if region[n] > len(stages) - self.k}
         return set(names)
 
-    def lr_mult(self, model: nn.Module, model_cfg: DictConfig | Mapping[str, Any]) -> dict[str, float]:
+    def lr_mult(self, model: nn.Module) -> dict[str, float]:
         """Parameter name → lr multiplier of the pretrained parameters that train (the head is absent: 1).
 
         A parameter in stage ``s`` of ``S`` (those above the last stage count as ``S``) gets
@@ -238,7 +237,7 @@ class Transfer:
         """
         if self.strategy not in ("finetune_top", "finetune_all"):
             return {}
-        head = head_keys(model_cfg)
+        head = head_keys(model)
         stages = self.stage_nodes(model)
         region = parameter_stages(model, stages)
         top = len(stages)
@@ -249,63 +248,50 @@ class Transfer:
         }
 
 
-def _state_shapes(model_cfg: DictConfig | Mapping[str, Any], num_classes: int) -> dict[str, torch.Size]:
-    """Shapes of the state of ``model_cfg`` built on the meta device (no memory) with ``num_classes``."""
-    node, _ = model_parts(
-        OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
-    )
-    node["num_classes"] = num_classes
-    with torch.device("meta"):
-        model = instantiate(node)
-    return {k: v.shape for k, v in model.state_dict().items()}
+def classifiers(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules whose outputs are classes, as the model declares them (``get_classifier()``): the main one first,
+    then auxiliary heads' (GoogLeNet's ``aux1.fc2``, ``aux2.fc2``).
 
-
-def head_keys(model_cfg: DictConfig | Mapping[str, Any]) -> set[str]:
-    """The state-dict keys of the classifier head: exactly the tensors whose shape depends on ``num_classes``
-    (found by building the model twice on the meta device), so GoogLeNet's auxiliary heads and SqueezeNet's
-    final conv count, whatever the family.
-
-    Args:
-        model_cfg: a ``model`` node with ``num_classes``.
+    Raises:
+        ValueError: when the model declares none (a plain ``torch.nn`` model): it has no head to replace.
     """
-    if "num_classes" not in model_cfg:
-        raise ValueError(f"model {model_cfg.get('_target_')} has no num_classes: it has no head to replace")
-    n = int(model_cfg["num_classes"])
-    one, other = _state_shapes(model_cfg, n), _state_shapes(model_cfg, n + 1)
-    return {k for k, shape in one.items() if other[k] != shape}
+    get_classifier = getattr(model, "get_classifier", None)
+    if get_classifier is None:
+        raise ValueError(
+            f"{type(model).__name__} does not declare its classifier (get_classifier(), see cvarch.models.layers): "
+            "it has no head that transfer can replace"
+        )
+    heads = get_classifier()
+    return tuple(heads) if isinstance(heads, tuple) else (heads,)
+
+
+def head_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the classifier head: those of the modules ``get_classifier()`` returns, which are
+    exactly the tensors whose shape depends on the class count (GoogLeNet's auxiliary heads and SqueezeNet's final
+    conv included)."""
+    heads = classifiers(model)
+    return {
+        f"{name}.{key}"
+        for name, module in model.named_modules()
+        if any(module is head for head in heads)
+        for key in module.state_dict()
+    }
 
 
 def stage_nodes(model: nn.Module) -> list[str]:
-    """The zoo's stages, as the module names whose outputs end them (torchvision ``create_feature_extractor``
-    return nodes): ResNet ``layer1..4``; FractalNet ``blocks.i``; VGG, AlexNet, SqueezeNet, DenseNet: each
-    pooling (or DenseNet transition) in ``features`` and its last module; GoogLeNet: each top-level max-pool
-    and the last block before the classifier.
+    """The model's stages, as the module names whose outputs end them (its ``feature_info``; torchvision
+    ``create_feature_extractor`` return nodes).
 
     Raises:
-        ValueError: when no stage is found (set ``transfer.stages``).
+        ValueError: when the model declares none (set ``transfer.stages``).
     """
-    children = list(model.named_children())
-    layers = [n for n, _ in children if re.fullmatch(r"layer\d+", n)]
-    if layers:
-        return layers
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks):
-        return [f"blocks.{i}" for i in range(len(blocks))]
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential) and len(features):
-        inner = list(features.named_children())
-        ends = [n for n, m in inner if isinstance(m, _POOLS) or n.startswith("transition")]
-        if not ends or ends[-1] != inner[-1][0]:
-            ends.append(inner[-1][0])
-        return [f"features.{n}" for n in ends]
-    classifier = next(
-        (i for i, (n, m) in enumerate(children) if n.startswith("aux") or isinstance(m, _CLASSIFIER)), None
-    )
-    if classifier:
-        ends = [n for n, m in children[:classifier] if isinstance(m, nn.MaxPool2d)]
-        last = children[classifier - 1][0]
-        return ends + [last] if last not in ends else ends
-    raise ValueError(f"no stages found in {type(model).__name__}: list them in transfer.stages")
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ValueError(
+            f"{type(model).__name__} declares no stages (feature_info, see cvarch.models.layers): list the modules "
+            "that end them in transfer.stages"
+        )
+    return [stage["module"] for stage in info]
 
 
 def parameter_stages(model: nn.Module, stages: Sequence[str]) -> dict[str, int]:
@@ -351,7 +337,10 @@ class StageProbes(nn.Module):
         image_shape: (C, H, W) of the inputs, to size the probes; ``None`` = 3×224×224.
 
     Returns (forward):
-        ``{"stage1": logits, ..., "stageS": logits}``, bottom to top; the top one is the model's prediction.
+        ``(top, stage1, …, stage<S-1>)``, in training and in eval: the top stage's logits first, as the model's
+        prediction, then the lower stages' as auxiliary heads (GoogLeNet's training layout). ``head_loss_weights``
+        names them for the LightningModule (``stage<S>``, ``stage1``, …) and gives each loss the weight 1: the
+        probes share no parameter, so each one trains on its own loss.
     """
 
     def __init__(
@@ -382,7 +371,8 @@ class StageProbes(nn.Module):
         self.probes = nn.ModuleDict(
             {
                 name: nn.Sequential(
-                    nn.AdaptiveAvgPool2d(1),
+                    # (N, C, H, W) maps are averaged; (N, C) features (an MLP's) are probed as they are
+                    nn.AdaptiveAvgPool2d(1) if features[name].ndim == 4 else nn.Identity(),
                     nn.Flatten(),
                     nn.BatchNorm1d(features[name].shape[1], affine=False),
                     nn.Linear(features[name].shape[1], num_classes),
@@ -390,10 +380,12 @@ class StageProbes(nn.Module):
                 for name in self.names
             }
         )
+        # the output order, and each head's loss weight, for cvarch.module.ClassificationModule
+        self.head_loss_weights = {name: 1.0 for name in [self.names[-1], *self.names[:-1]]}
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = self.backbone(x)  # {"stage<k>": (N, C_k, H_k, W_k)}
-        return {name: self.probes[name](features[name]) for name in self.names}
+        return tuple(self.probes[name](features[name]) for name in self.head_loss_weights)
 
 
 # --- loading --------------------------------------------------------------------------------------------

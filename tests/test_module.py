@@ -6,9 +6,11 @@ from functools import partial
 from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from cvarch.augment import Augment, Flip
 from cvarch.build import build_model, build_module
@@ -71,6 +73,89 @@ def test_auxiliary_heads_add_their_weighted_loss_in_training():
     inputs = x.float() / 255
     expected = F.cross_entropy(m.model.main(inputs), y) + 0.3 * F.cross_entropy(m.model.aux(inputs), y)
     assert torch.allclose(m.training_step((x, y), 0), expected)
+
+
+class NamedHeads(nn.Module):
+    """Returns (top, lower) in every mode and names them, as transfer's StageProbes does."""
+
+    head_loss_weights = {"stage2": 1.0, "stage1": 1.0}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.top = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+        self.lower = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+
+    def forward(self, x):
+        return self.top(x), self.lower(x)
+
+
+def test_named_heads_each_train_on_their_own_loss_and_get_their_own_accuracy():
+    torch.manual_seed(0)
+    m = module(model=NamedHeads(), aux_weight=0.3)
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    x, y = batch()
+    inputs = x.float() / 255
+    top, lower = m.model.top(inputs), m.model.lower(inputs)
+    # the declared weights (1 each: the probes share no parameter), not aux_weight
+    assert torch.allclose(m.training_step((x, y), 0), F.cross_entropy(top, y) + F.cross_entropy(lower, y))
+    assert torch.allclose(logged["train/loss_stage1"], F.cross_entropy(lower, y))
+    assert "train/loss_stage2" not in logged  # the prediction's loss is train/loss
+    m.eval()
+    m.validation_step((x, y), 0)
+    assert {"val/acc", "val/acc_stage1", "val/acc_stage2"} <= set(logged)
+    assert m.head_acc["val_stage2"].compute() == m.val_acc.compute() == (top.argmax(1) == y).float().mean()
+    assert m.head_acc["val_stage1"].compute() == (lower.argmax(1) == y).float().mean()
+    assert torch.equal(m.logits(x), top)  # the prediction is the first head's
+
+
+class LightningState(ClassificationModule):
+    """Records what this module reads from public Trainer state next to what Lightning 2.6 keeps private
+    (``LoggerConnector.should_update_logs``, ``TrainingEpochLoop._num_ready_batches_reached``): the private names
+    appear in this test only, which pins the public reconstruction to them."""
+
+    def training_step(self, batch, batch_idx):
+        trainer = self.trainer
+        self.logs.append((self._logs_this_step(), trainer._logger_connector.should_update_logs))
+        self.done.append((self._epoch_done(), trainer.fit_loop.epoch_loop._num_ready_batches_reached()))
+        return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:  # where ModelCheckpoint saves by default
+        trainer = self.trainer
+        self.done.append((self._epoch_done(), trainer.fit_loop.epoch_loop._num_ready_batches_reached()))
+
+
+def test_logging_steps_and_epoch_ends_read_from_public_trainer_state_agree_with_lightning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    m = LightningState(model=model, num_classes=10, optimizer=partial(torch.optim.SGD, lr=0.1))
+    m.logs, m.done = [], []
+    images = torch.randint(0, 256, (32, 3, 2, 2), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.arange(32) % 10), batch_size=4)  # 8 batches
+    # limit_train_batches: the epoch ends before the loader does, so is_last_batch alone would miss it
+    trainer = pl.Trainer(
+        max_epochs=2,
+        limit_train_batches=5,
+        limit_val_batches=0,
+        log_every_n_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(m, train_dataloaders=loader)
+    assert len(m.logs) == 2 * 5 and len(m.done) == 2 * (5 + 1)
+    assert all(ours == lightnings for ours, lightnings in m.logs + m.done)
+    assert [ours for ours, _ in m.logs] == [False, False, True, False, False, True, False, False, True, False]
+    assert [ours for ours, _ in m.done[:6]] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]  # last batch, epoch end
 
 
 def test_accuracy_is_micro_top1_and_top5():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torchvision
 from omegaconf import OmegaConf
+from torch import nn
 
 import cvarch
 from cvarch import transfer as transfer_module
@@ -201,7 +203,7 @@ def test_a_torchvision_format_state_dict_loads_as_a_source(tmp_path, compose_tmp
     cfg = compose_tmp(f"model={arch}", "norm=none" if arch == "vgg16" else "norm=batchnorm", "data=fake")
     cfg.transfer = OmegaConf.merge(cfg.transfer, {"strategy": "finetune_all", "source": str(path)})
     model = build_model(cfg, image_shape=(3, 32, 32))
-    assert head_keys(cfg.model) == head
+    assert head_keys(model) == head
     loaded = model.state_dict()
     for key, value in state.items():
         if key not in head:
@@ -316,24 +318,45 @@ def test_strategy_errors_name_their_key(tmp_path, compose_tmp):
 MODELS = sorted(p.stem for p in Path(CONFIG_DIR, "model").glob("*.yaml") if p.stem != "inception_module")
 
 
+def _meta_model(name: str, **node: Any) -> nn.Module:
+    """The model of ``model=<name>`` (its node updated with ``node``) built on the meta device: its shapes, no
+    memory and no init."""
+    cfg = cvarch.compose(f"model={name}")
+    with torch.device("meta"):
+        return cvarch.build.instantiate_model(OmegaConf.merge(cfg.model, node))
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_the_head_is_what_depends_on_the_class_count(name):
     cfg = cvarch.compose(f"model={name}", "data.num_classes=7")
-    head = head_keys(cfg.model)
-    model = cvarch.build.instantiate_model(cfg.model)
-    state = model.state_dict()
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = cvarch.build.instantiate_model(cfg.model)
+        other = cvarch.build.instantiate_model(OmegaConf.merge(cfg.model, {"num_classes": 8}))
+    head = head_keys(model)  # what the model declares (get_classifier)
+    state, shapes = model.state_dict(), {k: v.shape for k, v in other.state_dict().items()}
+    assert head == {k for k, v in state.items() if v.shape != shapes[k]}  # exactly the class-count dependent
     assert head and all(state[k].shape[0] == 7 for k in head)
     assert {k.rpartition(".")[0] for k in head} <= {n for n, _ in model.named_modules()}
 
 
 def test_googlenet_and_squeezenet_heads():
-    assert head_keys(cvarch.compose("model=googlenet").model) == {
+    assert head_keys(_meta_model("googlenet")) == {
         f"{m}.{p}" for m in ("fc", "aux1.fc2", "aux2.fc2") for p in ("weight", "bias")
     }
-    assert head_keys(cvarch.compose("model=squeezenet1_1").model) == {
+    assert head_keys(_meta_model("googlenet", aux_logits=False)) == {"fc.weight", "fc.bias"}
+    assert head_keys(_meta_model("squeezenet1_1")) == {
         "classifier.1.weight",
         "classifier.1.bias",
     }
+
+
+def test_a_model_that_declares_no_structure_is_a_clear_error():
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # a plain torch.nn model: no feature_info, no head
+    with pytest.raises(ValueError, match=r"Sequential declares no stages \(feature_info.*transfer\.stages"):
+        stage_nodes(plain)
+    with pytest.raises(ValueError, match=r"Sequential does not declare its classifier \(get_classifier\(\)"):
+        head_keys(plain)
+    assert Transfer("finetune_top", source="x", stages=["1"]).stage_nodes(plain) == ["1"]  # transfer.stages
 
 
 @pytest.mark.parametrize(
@@ -343,31 +366,38 @@ def test_googlenet_and_squeezenet_heads():
         ("resnet50", ["layer1", "layer2", "layer3", "layer4"]),
         ("vgg16", [f"features.{i}" for i in (4, 9, 16, 23, 30)]),
         ("alexnet", ["features.2", "features.6", "features.14"]),
-        (
+        (  # the stem, then each dense block before its transition pools (timm's DenseNet)
             "densenet121",
             [
-                "features.pool0",
-                "features.transition1",
-                "features.transition2",
-                "features.transition3",
+                "features.relu0",
+                "features.denseblock1",
+                "features.denseblock2",
+                "features.denseblock3",
                 "features.norm5",
             ],
         ),
-        ("squeezenet1_1", ["features.2", "features.5", "features.8", "features.12"]),
-        ("googlenet", ["maxpool1", "maxpool2", "maxpool3", "maxpool4", "inception5b"]),
+        ("densenet_bc100_12", ["features.denseblock1", "features.denseblock2", "features.norm5"]),
+        ("squeezenet1_1", ["features.1", "features.4", "features.7", "features.12"]),  # before each max-pool
+        (
+            "googlenet",
+            ["conv1", "norm2", "inception3b", "inception4e", "inception5b"],
+        ),  # before each max-pool
         ("fractalnet", [f"blocks.{i}" for i in range(5)]),
+        ("mlp", ["hidden"]),
     ],
 )
 def test_the_zoo_stages(name, stages):
-    assert stage_nodes(cvarch.build.instantiate_model(cvarch.compose(f"model={name}").model)) == stages
+    assert stage_nodes(_meta_model(name)) == stages  # the model's feature_info
 
 
 def test_stage_probes_extract_vgg_pool_outputs(tmp_path, compose_tmp):
     path, _ = _state_dict_source(tmp_path, "vgg11", "data=fake")
     cfg = compose_tmp("model=vgg11", "data=fake", "transfer=stage_probes", f"transfer.source={path}")
     model = build_model(cfg, image_shape=(3, 32, 32))
-    out = model(torch.zeros(2, 3, 32, 32))
-    assert list(out) == [f"stage{i}" for i in range(1, 6)] and all(v.shape == (2, 10) for v in out.values())
+    out = model(torch.zeros(2, 3, 32, 32))  # (top, *lower stages), as GoogLeNet's (logits, *aux)
+    assert list(model.head_loss_weights) == ["stage5", "stage1", "stage2", "stage3", "stage4"]
+    assert isinstance(out, tuple) and len(out) == 5 and all(v.shape == (2, 10) for v in out)
+    assert set(model.head_loss_weights.values()) == {1.0}  # each probe trains on its own loss
     widths = [model.probes[f"stage{i}"][3].in_features for i in range(1, 6)]
     assert widths == [64, 128, 256, 512, 512]  # VGG-11's pool outputs (Simonyan & Zisserman 2014 Table 1, A)
     assert all(not p.requires_grad for p in model.backbone.parameters())

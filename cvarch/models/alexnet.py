@@ -3,7 +3,8 @@
 One :class:`AlexNet` whose layer stack is data: the lecture's single-tower AlexNet (``conf/model/alexnet.yaml``),
 torchvision's variant (``alexnet_tv.yaml``) and Zeiler & Fergus 2013's ZFNet (``zfnet.yaml``, arXiv:1311.2901)
 are three lists of convolutions, max-pools and norm slots. Attribute names follow torchvision's ``alexnet.py``
-(``features``, ``avgpool``, ``classifier``) so its ``state_dict`` loads with ``strict=True``.
+(``features``, ``avgpool``, ``classifier``) so its ``state_dict`` loads with ``strict=True``. Its stages end at the
+max-pools; its classifier is FC8 (see :mod:`cvarch.models.layers` for the structure every model declares).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -67,11 +68,18 @@ class AlexNet(nn.Module):
         norm = get_norm_layer(norm_layer)
         act = get_act_layer(act_layer)
         layers: list[nn.Module] = []
+        self.feature_info: list[FeatureInfo] = []
         channels, side = in_channels, image_size or 0  # side: feature map side at image_size, sizes FC6
+        stride = 1
         for spec in features:
             if spec == "M":
                 layers.append(nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=ceil_mode))
                 side = (math.ceil if ceil_mode else math.floor)((side - 3) / 2) + 1
+                stride *= 2
+                # each max-pool ends a stage (Fig. 2: after CONV1, CONV2 and CONV5)
+                self.feature_info.append(
+                    FeatureInfo(module=f"features.{len(layers) - 1}", num_chs=channels, reduction=stride)
+                )
             elif spec == "N":
                 slot = norm(channels)
                 # an empty slot (norm=none) adds no module, so torchvision's indices hold
@@ -80,10 +88,18 @@ class AlexNet(nn.Module):
             elif isinstance(spec, str):
                 raise ValueError(f"model.features: {spec!r} is neither a conv spec nor 'M' or 'N'")
             else:
-                out_channels, kernel, stride, padding = spec
-                layers += [nn.Conv2d(channels, out_channels, kernel, stride=stride, padding=padding), act()]
-                channels, side = out_channels, (side + 2 * padding - kernel) // stride + 1
+                out_channels, kernel, conv_stride, padding = spec
+                conv = nn.Conv2d(channels, out_channels, kernel, stride=conv_stride, padding=padding)
+                layers += [conv, act()]
+                channels, side = out_channels, (side + 2 * padding - kernel) // conv_stride + 1
+                stride *= conv_stride
         self.features = nn.Sequential(*layers)
+        # the last stage ends where the features do: at the last pool, or at the layers after it
+        if self.feature_info and self.feature_info[-1]["reduction"] == stride:
+            self.feature_info.pop()
+        self.feature_info.append(
+            FeatureInfo(module=f"features.{len(layers) - 1}", num_chs=channels, reduction=stride)
+        )
         if pool_size:
             self.avgpool = nn.AdaptiveAvgPool2d(pool_size)
             side = pool_size
@@ -114,9 +130,32 @@ class AlexNet(nn.Module):
                 nn.init.normal_(m.weight, 0.0, weight_std)
             if bias_init is not None:
                 nn.init.constant_(m.bias, bias_init[i])
+        self.weight_std = weight_std
+        self.fc8_bias = bias_init[-1] if bias_init is not None else None  # reset_classifier inits FC8 alike
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (N, 256, 6, 6) for the lecture's net at 227×227
+    def get_classifier(self) -> nn.Linear:
+        """FC8, the last Linear: FC6 and FC7 are pretrained features, not class-specific."""
+        return self.classifier[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new FC8 of ``num_classes`` outputs, initialized as the constructor does (§5)."""
+        old = self.classifier[-1]
+        fc8 = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        if self.weight_std is not None:
+            nn.init.normal_(fc8.weight, 0.0, self.weight_std)
+        if self.fc8_bias is not None:
+            nn.init.constant_(fc8.bias, self.fc8_bias)
+        self.classifier[-1] = fc8
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (N, 256, 6, 6) for the lecture's net at 227×227
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x)  # torchvision: adaptive to (N, 256, 6, 6); identity without adaptive pooling
         x = torch.flatten(x, 1)  # (N, 9216)
-        return self.classifier(x)
+        for layer in self.classifier[:-1]:  # FC6, FC7 with their activations and dropouts
+            x = layer(x)  # (N, 4096)
+        return x if pre_logits else self.classifier[-1](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

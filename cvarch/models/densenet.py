@@ -4,7 +4,8 @@ Every variant is DenseNet-BC (§3): bottleneck dense layers (BN-ReLU-Conv1×1 to
 BN-ReLU-Conv3×3 to k) and compressing transitions (θ = ``compression``). The ImageNet nets (Table 1) and the
 CIFAR net (§4, Table 2) are settings of one :class:`DenseNet`. Attribute names follow torchvision's
 ``densenet.py`` (``features.conv0``, ``denseblock1.denselayer1.norm1``, ``transition1.conv``, ``norm5``,
-``classifier``) so its ``state_dict`` loads with ``strict=True``.
+``classifier``) so its ``state_dict`` loads with ``strict=True``. Its stages end with the dense blocks (the
+ImageNet stem is one more); its classifier is ``classifier`` (see :mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -162,6 +163,7 @@ class DenseNet(nn.Module):
             raise ValueError(f"model.compression={compression} must be in (0, 1]")
         norm = get_norm_layer(norm_layer)
         act = get_act_layer(act_layer)
+        self.feature_info: list[FeatureInfo] = []
         if stem == "imagenet":
             conv0 = nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False)
             stem_layers = [
@@ -170,8 +172,12 @@ class DenseNet(nn.Module):
                 ("relu0", act()),
                 ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
             ]
+            # the stem is a stage of its own, ending before its max-pool (timm's DenseNet)
+            self.feature_info = [FeatureInfo(module="features.relu0", num_chs=num_init_features, reduction=2)]
+            reduction = 4
         else:
             stem_layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
+            reduction = 1
         self.features = nn.Sequential(OrderedDict(stem_layers))
         channels = num_init_features
         for i, num_layers in enumerate(block_config):
@@ -179,29 +185,55 @@ class DenseNet(nn.Module):
             self.features.add_module(f"denseblock{i + 1}", block)
             channels += num_layers * growth_rate
             if i != len(block_config) - 1:
+                # a stage ends with its dense block, before the transition pools (timm's DenseNet)
+                self.feature_info.append(
+                    FeatureInfo(module=f"features.denseblock{i + 1}", num_chs=channels, reduction=reduction)
+                )
+                reduction *= 2
                 out_channels = int(compression * channels)
                 self.features.add_module(
                     f"transition{i + 1}", Transition(channels, out_channels, norm, act, dropout)
                 )
                 channels = out_channels
         self.features.add_module("norm5", norm(channels))
+        self.feature_info.append(FeatureInfo(module="features.norm5", num_chs=channels, reduction=reduction))
         self.relu = act()
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(channels, num_classes)
 
-        # torchvision's init ("official init from torch repo"): He normal fan_in convs, γ=1, β=0, zero fc bias
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.constant_(m.bias, 0)
+            _init_weights(m)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def get_classifier(self) -> nn.Linear:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new ``classifier`` of ``num_classes`` outputs, initialized as the constructor does."""
+        old = self.classifier
+        self.classifier = nn.Linear(
+            old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype
+        )
+        _init_weights(self.classifier)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)  # (N, C, H/32, W/32) imagenet stem; (N, C, H/4, W/4) cifar stem with 3 blocks
-        x = self.relu(x)
+        return self.relu(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x)  # (N, C, 1, 1)
         x = torch.flatten(x, 1)
-        return self.classifier(x)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    """torchvision's init ("official init from torch repo"): He normal fan_in convs, γ=1, β=0, zero fc bias."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight)
+    elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.constant_(m.weight, 1)
+        nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.Linear):
+        nn.init.constant_(m.bias, 0)

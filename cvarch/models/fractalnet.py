@@ -12,6 +12,8 @@ depth: column c of f_C is a plain chain of 2^c convs, so column C−1 is the dee
 Drop-path (§3) regularizes training: a mini-batch uses either local drop-path (each join drops each input with
 probability ``drop_path_local``, keeping at least one) or, with probability ``global_fraction``, global drop-path
 (one column, the same in every block). At test time every path is active and every join is a plain mean.
+
+Its stages are the blocks; its classifier is ``fc`` (see :mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -169,9 +171,12 @@ class FractalNet(nn.Module):
         self.columns = columns
         self.global_fraction = global_fraction
         self.blocks = nn.ModuleList()
-        for width, rate in zip(channels, rates, strict=True):
+        self.feature_info: list[FeatureInfo] = []
+        for i, (width, rate) in enumerate(zip(channels, rates, strict=True)):
             self.blocks.append(Fractal(in_channels, width, columns, norm, act, rate, drop_path_local))
             in_channels = width
+            # a stage is a block; the max-pool after it is one module shared by all blocks, so it cannot end one
+            self.feature_info.append(FeatureInfo(module=f"blocks.{i}", num_chs=width, reduction=2**i))
         self.pool = nn.MaxPool2d(2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))  # 32×32 input is 1×1 after 5 pools; other sizes average
         self.fc = nn.Linear(in_channels, num_classes)
@@ -198,11 +203,25 @@ class FractalNet(nn.Module):
             layers += [*block.column_units(c), self.pool]
         return nn.Sequential(*layers, self.avgpool, nn.Flatten(1), self.fc)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init as the constructor's."""
+        old = self.fc
+        self.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         column = self.sample_drop_path() if self.training else None
         for block in self.blocks:
             x = block(x, column)  # (N, channels[b], H, W)
             x = self.pool(x)  # (N, channels[b], H/2, W/2)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x)  # (N, channels[-1], 1, 1)
         x = torch.flatten(x, 1)
-        return self.fc(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

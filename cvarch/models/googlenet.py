@@ -13,7 +13,8 @@ One :class:`GoogLeNet` holds the paper's net (Table 1, Fig. 3) and torchvision's
 
 Table 1's filter counts are data in ``conf/model/googlenet*.yaml``. Attribute names follow torchvision's
 ``googlenet.py`` (``conv1``, ``maxpool1``, ``inception3a``…, ``branch1``…``branch4``, ``aux1``, ``fc``) so its
-``state_dict`` loads with ``strict=True``.
+``state_dict`` loads with ``strict=True``. Its stages end before the max-pools; its classifier is ``fc``, with
+each auxiliary classifier's ``fc2`` (see :mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer, none
 
 # Table 1's inception modules in network order; max-pools sit between stages 3→4 and 4→5.
@@ -185,7 +186,8 @@ class GoogLeNet(nn.Module):
     """GoogLeNet of Szegedy et al. 2014 (Table 1, Fig. 3); torchvision's ``googlenet`` is a setting of it.
 
     In training mode with ``aux_logits`` the forward returns ``(logits, aux1_logits, aux2_logits)`` so the loss
-    can add the auxiliary losses with weight 0.3 (§5); otherwise it returns the logits alone.
+    can add the auxiliary losses with weight 0.3 (§5); otherwise it returns the logits alone. ``forward_features``
+    never runs the auxiliary classifiers, so ``forward_head(forward_features(x))`` is the eval-mode forward.
 
     Args:
         inception_widths: Table 1 per module ``3a``…``5b``: [#1×1, #3×3 reduce, #3×3, #5×5 reduce, #5×5,
@@ -281,27 +283,63 @@ class GoogLeNet(nn.Module):
         else:
             self.aux1 = None
             self.aux2 = None
+        # a stage ends before each max-pool (Table 1's rows: the stem, 3a-3b, 4a-4e, 5a-5b)
+        self.feature_info: list[FeatureInfo] = [
+            FeatureInfo(module="conv1", num_chs=c1, reduction=2),
+            FeatureInfo(module="norm2", num_chs=c3, reduction=4),
+            FeatureInfo(module="inception3b", num_chs=widths_at["3b"], reduction=8),
+            FeatureInfo(module="inception4e", num_chs=widths_at["4e"], reduction=16),
+            FeatureInfo(module="inception5b", num_chs=widths_at["5b"], reduction=32),
+        ]
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1)) if adaptive_pool else nn.AvgPool2d(7, stride=1)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(channels, num_classes)
 
-        if conv_block == "bn":
-            # torchvision's GoogLeNet init (init_weights=True): truncated normal σ=0.01 on conv and linear weights
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
-                elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                    nn.init.constant_(m.weight, 1)
-                    nn.init.constant_(m.bias, 0)
-        else:
-            # The paper gives no init; BVLC's Caffe reproduction (bvlc_googlenet) uses the "xavier" filler,
-            # U(±√(3/fan_in)), with conv biases 0.2 so the ReLUs of the 22-layer plain net start active.
-            for m in self.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    nn.init.kaiming_uniform_(m.weight, nonlinearity="linear")
-                    nn.init.constant_(m.bias, 0.2 if isinstance(m, nn.Conv2d) else 0.0)
+        self.conv_block = conv_block
+        for m in self.modules():
+            _init_weights(m, conv_block)
+
+    def get_classifier(self) -> nn.Linear | tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """``fc``; with the auxiliary classifiers, ``(fc, aux1.fc2, aux2.fc2)``: every layer whose outputs are
+        classes (each auxiliary head's conv and ``fc1`` do not depend on the class count)."""
+        if self.aux1 is None or self.aux2 is None:
+            return self.fc
+        return self.fc, self.aux1.fc2, self.aux2.fc2
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new ``fc`` (and ``fc2`` of each auxiliary classifier) of ``num_classes`` outputs, initialized as the
+        constructor does."""
+        self.fc = self._new_linear(self.fc, num_classes)
+        for aux in (self.aux1, self.aux2):
+            if aux is not None:
+                aux.fc2 = self._new_linear(aux.fc2, num_classes)
+
+    def _new_linear(self, old: nn.Linear, num_classes: int) -> nn.Linear:
+        fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        _init_weights(fc, self.conv_block)
+        return fc
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk up to inception5b, ``(N, 1024, 7, 7)`` at 224×224; the auxiliary classifiers do not run."""
+        return self._trunk(x, aux=False)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.avgpool(x)  # (N, 1024, 1, 1)
+        x = torch.flatten(x, 1)
+        x = self.dropout(x)
+        return x if pre_logits else self.fc(x)  # (N, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits; in training with the auxiliary classifiers, ``(logits, aux1, aux2)`` (§5)."""
+        aux = self.training and self.aux1 is not None
+        x, aux1, aux2 = self._trunk(x, aux)
+        x = self.forward_head(x)
+        return (x, aux1, aux2) if aux else x
+
+    def _trunk(
+        self, x: torch.Tensor, aux: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The features, and the auxiliary classifiers' logits after 4a and 4d if ``aux`` (else ``None``)."""
         x = self.conv1(x)  # (N, 64, 112, 112) at 224×224
         x = self.maxpool1(x)  # (N, 64, 56, 56)
         x = self.norm1(x)
@@ -313,19 +351,31 @@ class GoogLeNet(nn.Module):
         x = self.inception3b(x)  # (N, 480, 28, 28)
         x = self.maxpool3(x)  # (N, 480, 14, 14)
         x = self.inception4a(x)  # (N, 512, 14, 14)
-        aux1 = self.aux1(x) if self.aux1 is not None and self.training else None
+        aux1 = self.aux1(x) if aux else None
         x = self.inception4b(x)  # (N, 512, 14, 14)
         x = self.inception4c(x)  # (N, 512, 14, 14)
         x = self.inception4d(x)  # (N, 528, 14, 14)
-        aux2 = self.aux2(x) if self.aux2 is not None and self.training else None
+        aux2 = self.aux2(x) if aux else None
         x = self.inception4e(x)  # (N, 832, 14, 14)
         x = self.maxpool4(x)  # (N, 832, 7, 7)
         x = self.inception5a(x)  # (N, 832, 7, 7)
         x = self.inception5b(x)  # (N, 1024, 7, 7)
-        x = self.avgpool(x)  # (N, 1024, 1, 1)
-        x = torch.flatten(x, 1)
-        x = self.dropout(x)
-        x = self.fc(x)  # (N, num_classes)
-        if aux1 is not None and aux2 is not None:
-            return x, aux1, aux2
-        return x
+        return x, aux1, aux2
+
+
+def _init_weights(m: nn.Module, conv_block: str) -> None:
+    """The init of ``conv_block``'s GoogLeNet.
+
+    ``bn``: torchvision's (``init_weights=True``): truncated normal σ=0.01 on conv and linear weights. ``plain``:
+    the paper gives none; BVLC's Caffe reproduction (bvlc_googlenet) uses the "xavier" filler, U(±√(3/fan_in)),
+    with conv biases 0.2 so the ReLUs of the 22-layer plain net start active.
+    """
+    if conv_block == "bn":
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_uniform_(m.weight, nonlinearity="linear")
+        nn.init.constant_(m.bias, 0.2 if isinstance(m, nn.Conv2d) else 0.0)

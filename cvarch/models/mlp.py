@@ -2,6 +2,8 @@
 
 The hidden layers are exposed as ``hidden[i].fc`` / ``hidden[i].act`` so the study can hook their
 pre-activations and activations layer by layer, as Glorot & Bengio 2010 §4 plot them.
+
+Its one stage is ``hidden``; its classifier is ``fc`` (see :mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
 
 
 class MLP(nn.Module):
@@ -48,13 +50,35 @@ class MLP(nn.Module):
             fc = nn.Linear(in_features if i == 0 else width, width, bias=bias)
             self.hidden.append(nn.Sequential(OrderedDict(fc=fc, act=act())))
         self.fc = nn.Linear(width, num_classes, bias=bias)
+        # one stage: a fully connected net has no resolutions to group its layers by; transfer.stages can list
+        # single layers (hidden.0, hidden.4, …), whose outputs are (N, width) too
+        self.feature_info = [FeatureInfo(module="hidden", num_chs=width, reduction=1)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init as the constructor's."""
+        old = self.fc
+        self.fc = nn.Linear(
+            old.in_features,
+            num_classes,
+            bias=old.bias is not None,
+            device=old.weight.device,
+            dtype=old.weight.dtype,
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(x, 1)  # (N, C·H·W)
         if x.shape[1] != self.in_features:
             raise ValueError(
                 f"model.in_features={self.in_features} but each input has {x.shape[1]} values "
                 f"(C·H·W); set model.in_features={x.shape[1]}"
             )
-        x = self.hidden(x)  # (N, width)
-        return self.fc(x)
+        return self.hidden(x)  # (N, width)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

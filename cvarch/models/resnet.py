@@ -6,7 +6,7 @@ the orderings can be diffed by eye. The ImageNet nets (§3.4, Table 1), the CIFA
 (Zagoruyko & Komodakis 2016, arXiv:1605.07146), ResNeXt (Xie et al. 2016, arXiv:1611.05431) and stochastic depth
 (Huang et al. 2016, arXiv:1603.09382) are all settings of one :class:`ResNet`. Attribute names follow
 torchvision's ``resnet.py`` (``conv1``, ``bn1``, ``layer1``…, ``downsample``, ``fc``) so its ``state_dict`` loads
-with ``strict=True``.
+with ``strict=True``. Its stages are the ``layer<i>``; its classifier is ``fc`` (see :mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvarch.models.layers import ActFactory, DropPath, drop_path_rates, get_act_layer
+from cvarch.models.layers import ActFactory, DropPath, FeatureInfo, drop_path_rates, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -455,6 +455,8 @@ class ResNet(nn.Module):
         rates = iter(drop_path_rates(sum(layers), drop_path))
         block_args = dict(norm_layer=norm, act_layer=act, dropout=dropout)
         self.stage_names = []
+        self.feature_info: list[FeatureInfo] = []
+        reduction = 4 if stem == "imagenet" else 1
         for i, (blocks, width) in enumerate(zip(layers, widths, strict=True)):
             name = f"layer{i + 1}"
             stage_rates = [next(rates) for _ in range(blocks)]
@@ -463,6 +465,9 @@ class ResNet(nn.Module):
                 name, self._make_layer(block_cls, width * widen_factor, stride, stage_rates, block_args)
             )
             self.stage_names.append(name)
+            reduction *= stride
+            # a stage is a layer<i>, Table 1's conv<i+1>_x: the stem goes with the first
+            self.feature_info.append(FeatureInfo(module=name, num_chs=self.inplanes, reduction=reduction))
         # pre-activation: the last block's sum is activated once more before pooling (He 2016 appendix)
         self.final_bn = norm(self.inplanes) if preact else nn.Identity()
         self.final_relu = act() if preact else nn.Identity()
@@ -517,7 +522,15 @@ class ResNet(nn.Module):
             self.inplanes = out_planes
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init as the constructor's."""
+        old = self.fc
+        self.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # (N, 64, H/2, W/2) imagenet stem; (N, 16, H, W) cifar stem
         x = self.bn1(x)  # identity when pre-activated
         x = self.relu(x)
@@ -525,7 +538,12 @@ class ResNet(nn.Module):
         for name in self.stage_names:
             x = getattr(self, name)(x)
         x = self.final_bn(x)  # pre-activation only: BN-ReLU after the last sum
-        x = self.final_relu(x)
+        return self.final_relu(x)  # (N, C, H/32, W/32) imagenet; (N, C, H/4, W/4) cifar
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x)  # (N, C, 1, 1)
         x = torch.flatten(x, 1)
-        return self.fc(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

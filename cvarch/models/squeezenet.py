@@ -5,6 +5,8 @@ Versions 1.0 (Table 1) and 1.1 (the authors' GitHub release: 3×3 conv1, earlier
 ``conf/model/squeezenet1_{0,1}.yaml``, with the bypass connections of §5 (Fig. 2, Table 3) as a setting.
 Attribute names follow torchvision's ``squeezenet.py`` (``features``, ``classifier``; ``squeeze``, ``expand1x1``,
 ``expand3x3`` …), so with ``bypass: none`` its ``state_dict`` loads with ``strict=True``.
+
+Its stages end before the max-pools; its classifier is conv10, the final 1×1 conv (see :mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer
 
 BYPASSES = ("none", "simple", "complex")
@@ -118,10 +120,16 @@ class SqueezeNet(nn.Module):
         if not isinstance(slot, nn.Identity):
             layers.append(slot)
         layers.append(act())
-        channels = filters
+        channels, reduction = filters, stride
+        self.feature_info: list[FeatureInfo] = []
         for spec in features:
             if spec == "M":
+                # a stage ends before each max-pool (Table 1: conv1, fire4, fire8 in 1.0)
+                self.feature_info.append(
+                    FeatureInfo(module=f"features.{len(layers) - 1}", num_chs=channels, reduction=reduction)
+                )
                 layers.append(nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True))
+                reduction *= 2
             elif isinstance(spec, str):
                 raise ValueError(f"model.features: {spec!r} is neither a Fire spec nor 'M'")
             else:
@@ -129,6 +137,10 @@ class SqueezeNet(nn.Module):
                 layers.append(Fire(channels, squeeze, expand1x1, expand3x3, bypass, norm, act))
                 channels = expand1x1 + expand3x3
         self.features = nn.Sequential(*layers)
+        # the last stage ends where the features do (fire9)
+        self.feature_info.append(
+            FeatureInfo(module=f"features.{len(layers) - 1}", num_chs=channels, reduction=reduction)
+        )
         final_conv = nn.Conv2d(channels, num_classes, kernel_size=1)  # conv10: no FC layers (§3.3)
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout), final_conv, act(), nn.AdaptiveAvgPool2d((1, 1))
@@ -138,12 +150,43 @@ class SqueezeNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 if m is final_conv:
-                    nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                    _init_final_conv(m)
                 else:
                     nn.init.kaiming_uniform_(m.weight)
-                nn.init.constant_(m.bias, 0)
+                    nn.init.constant_(m.bias, 0)
+
+    def get_classifier(self) -> nn.Conv2d:
+        """conv10, the final 1×1 conv: its output channels are the classes (§3.3)."""
+        return self.classifier[1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new conv10 of ``num_classes`` filters, initialized as the constructor does."""
+        old = self.classifier[1]
+        conv10 = nn.Conv2d(
+            old.in_channels, num_classes, kernel_size=1, device=old.weight.device, dtype=old.weight.dtype
+        )
+        _init_final_conv(conv10)
+        self.classifier[1] = conv10
+        self.num_classes = num_classes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (N, 512, 13, 13) at 224×224
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The head after ``features``; ``pre_logits`` stops at conv10's input map ``(N, 512, H, W)``."""
+        x = self.classifier[0](x)  # dropout
+        if pre_logits:
+            return x
+        x = self.classifier[1](x)  # conv10: (N, num_classes, 13, 13)
+        x = self.classifier[2](x)
+        x = self.classifier[3](x)  # global average: (N, num_classes, 1, 1)
+        return torch.flatten(x, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (N, 512, 13, 13) at 224×224
-        x = self.classifier(x)  # (N, num_classes, 1, 1)
-        return torch.flatten(x, 1)
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_final_conv(conv: nn.Conv2d) -> None:
+    """conv10's outputs are the logits: it starts small (Caffe release: N(0, 0.01)), as torchvision's."""
+    nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+    nn.init.constant_(conv.bias, 0)

@@ -4,6 +4,8 @@
 Configurations A, B, D, E of Table 1 are lists in ``conf/model/vgg{11,13,16,19}.yaml``, as torchvision's ``cfgs``
 dict keeps them. Attribute names follow torchvision's ``vgg.py`` (``features``, ``avgpool``, ``classifier``), so
 ``vgg16`` loads torchvision's ``vgg16`` ``state_dict`` and ``vgg16 norm=batchnorm`` loads ``vgg16_bn``'s.
+
+Its stages end at the max-pools; its classifier is the last Linear (see :mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -47,10 +49,16 @@ class VGG(nn.Module):
         norm = get_norm_layer(norm_layer)
         act = get_act_layer(act_layer)
         layers: list[nn.Module] = []
-        channels = in_channels
+        self.feature_info: list[FeatureInfo] = []
+        channels, stride = in_channels, 1
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                stride *= 2
+                # each max-pool ends a stage: Table 1's five groups of convs
+                self.feature_info.append(
+                    FeatureInfo(module=f"features.{len(layers) - 1}", num_chs=channels, reduction=stride)
+                )
             elif isinstance(v, str):
                 raise ValueError(f"model.cfg: {v!r} is neither a conv width nor 'M'")
             else:
@@ -62,6 +70,12 @@ class VGG(nn.Module):
                 layers.append(act())
                 channels = v
         self.features = nn.Sequential(*layers)
+        # the last stage ends where the features do: at the last pool, or at the convs after it
+        if self.feature_info and self.feature_info[-1]["reduction"] == stride:
+            self.feature_info.pop()
+        self.feature_info.append(
+            FeatureInfo(module=f"features.{len(layers) - 1}", num_chs=channels, reduction=stride)
+        )
         # torchvision's addition: any input ≥ 32×32 reaches FC6 as 7×7 (the paper's 224 → 7 after five pools)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
@@ -74,21 +88,43 @@ class VGG(nn.Module):
             nn.Linear(4096, num_classes),
         )
 
-        # torchvision's init (the paper pre-trained A and used it to start the deeper nets, §3.1; it notes after
-        # submission that Glorot & Bengio 2010 init works without pre-training)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.constant_(m.bias, 0)
+            _init_weights(m)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (N, 512, 7, 7) at 224×224
+    def get_classifier(self) -> nn.Linear:
+        """The last fully connected layer (FC-1000 of Table 1): FC6 and FC7 are pretrained features."""
+        return self.classifier[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new last Linear of ``num_classes`` outputs, initialized as the constructor does."""
+        old = self.classifier[-1]
+        fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        _init_weights(fc)
+        self.classifier[-1] = fc
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (N, 512, 7, 7) at 224×224
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.avgpool(x)  # (N, 512, 7, 7)
         x = torch.flatten(x, 1)  # (N, 25088)
-        return self.classifier(x)
+        for layer in self.classifier[:-1]:  # FC6, FC7 with their activations and dropouts
+            x = layer(x)  # (N, 4096)
+        return x if pre_logits else self.classifier[-1](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    """torchvision's init (the paper pre-trained A and used it to start the deeper nets, §3.1; it notes after
+    submission that Glorot & Bengio 2010 init works without pre-training)."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.constant_(m.bias, 0)
+    elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.constant_(m.weight, 1)
+        nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0, 0.01)
+        nn.init.constant_(m.bias, 0)
