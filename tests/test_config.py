@@ -62,7 +62,7 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
             torch.save(instantiate_model(cfg.model).state_dict(), tmp_path / "source.pt")
             cfg.transfer.source = str(tmp_path / "source.pt")
         out = build_model(cfg, image_shape=shape)(torch.zeros(2, *shape))
-        logits = out[list(out)[-1]] if isinstance(out, dict) else out
+        logits = out[0] if isinstance(out, tuple) else out  # stage_probes: (top, stage1, …)
         assert logits.shape == (2, cfg.data.num_classes)
     elif group == "init":
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))

@@ -3,7 +3,9 @@
 Each stage is a 3×3 conv, a norm slot, an activation and a 2×2 max-pool (the VGG pattern, Simonyan & Zisserman
 2014 §2.1); the head is global average pooling then one linear layer (Network in Network, Lin et al. 2013 §3.2).
 It follows cvarch's model conventions: ``num_classes`` and ``in_channels`` from the data, the ``norm`` group's
-factory in ``norm_layer``, torchvision's attribute names (``features``, ``avgpool``, ``fc``).
+factory in ``norm_layer``, torchvision's attribute names (``features``, ``avgpool``, ``fc``), and the structure
+every cvarch classifier declares (``feature_info``, ``forward_features``, ``forward_head``, ``get_classifier``,
+``reset_classifier``: see ``cvarch.models.layers``), which ``transfer`` and stage probes use.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -54,13 +56,27 @@ class ExampleNet(nn.Module):
             ]
             channels = width
         self.features = nn.Sequential(*layers)
+        self.feature_info = [
+            FeatureInfo(module=f"features.{4 * i + 3}", num_chs=width, reduction=2 ** (i + 1))
+            for i, width in enumerate(widths)
+        ]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # (N, widths[-1], H / 2^stages, W / 2^stages)
-        x = self.avgpool(x)  # (N, widths[-1], 1, 1)
-        x = torch.flatten(x, 1)  # (N, widths[-1])
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)  # (N, widths[-1], H / 2^stages, W / 2^stages)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(x), 1)  # (N, widths[-1])
         x = self.dropout(x)
-        return self.fc(x)  # (N, num_classes)
+        return x if pre_logits else self.fc(x)  # (N, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.fc = nn.Linear(self.fc.in_features, num_classes, device=self.fc.weight.device)
