@@ -201,6 +201,23 @@ def build_augment(cfg: DictConfig) -> Augment:
     return instantiate(node) if node and "ops" in node else Augment()
 
 
+def build_inputs(
+    cfg: DictConfig, preprocess_state: Mapping[str, torch.Tensor] | None = None
+) -> tuple[ImageDataModule, nn.Module, Augment]:
+    """The datamodule (set up for fit), the preprocess fitted on the training split (or loaded from
+    ``preprocess_state``: a transfer source's statistics) and the augment pipeline, as a training run gets them.
+    The augment group's statistics are fitted by the LightningModule's ``setup`` (again on every resume)."""
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    preprocess = instantiate(cfg.preprocess)
+    if preprocess_state is not None:  # the features were learnt on the source's statistics
+        preprocess.load_state_dict(preprocess_state)
+    else:  # on the training split only
+        preprocess.fit(datamodule.train_images)
+    return datamodule, preprocess, build_augment(cfg)
+
+
 def build_module(
     cfg: DictConfig,
     model: nn.Module,

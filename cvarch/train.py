@@ -19,8 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from cvarch.build import (
-    build_augment,
-    build_datamodule,
+    build_inputs,
     build_model,
     build_module,
     build_trainer,
@@ -90,10 +89,13 @@ def log_summary(trainer: pl.Trainer, values: dict[str, float]) -> None:
 def finish_loggers(trainer: pl.Trainer) -> None:
     """Closes each logger's run, so every job of a multirun is its own W&B run."""
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-            logger.experiment.finish()
-        else:
+        if type(logger).__name__ != "WandbLogger":
             logger.finalize("success")
+            continue
+        import wandb  # the logger's run is wandb.run; `logger.experiment` would start one if none had started
+
+        if wandb.run is not None:
+            wandb.run.finish()
 
 
 def job_threads(cfg: DictConfig) -> int | None:
@@ -174,6 +176,52 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The metrics written to ``metrics.json``.
     """
     start = time.perf_counter()
+    configure(cfg)
+    transfer = build_transfer(cfg)
+    source_preprocess = transfer.adopt(cfg)  # a cvarch source brings its model and preprocess into the config
+    ckpt_path = resume_path(cfg)  # ckpt_path, or the run directory's last.ckpt for resume / ckpt_path=last
+    ckpt = load_checkpoint_file(ckpt_path) if ckpt_path else None  # refused now if missing or pickled code
+    check_launch(cfg)
+    done = finished_run(Path(cfg.paths.output_dir), cfg)
+    if done is not None:
+        log.info(
+            "%s already holds a finished run of this config (metrics.json): skipped", cfg.paths.output_dir
+        )
+        return done
+    trainer = build_trainer(cfg, start=False)  # knows this process's DDP rank; W&B starts after the checks
+    output_dir = make_run_dir(cfg, trainer)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, preprocess, augment = build_inputs(cfg, source_preprocess)
+    input_shape = augment.output_shape(datamodule.image_shape)  # what the model sees
+    batch = init_batch(cfg, datamodule, preprocess, input_shape)
+    model = build_model(cfg, image_shape=input_shape, batch=batch, transfer=transfer)
+    cost = model_cost(model, input_shape)
+    module = build_module(cfg, model, preprocess=preprocess, augment=augment, transfer=transfer)
+    if ckpt is not None:
+        check_fits(module, ckpt, ckpt_path, num_classes=cfg.data.num_classes)
+        del ckpt  # Lightning loads it again in fit
+    start_loggers(trainer, cfg)
+    try:
+        log_summary(trainer, cost)
+        results = fit_and_test(trainer, module, datamodule, ckpt_path)
+    finally:
+        finish_loggers(trainer)
+    metrics = {
+        **results,
+        "epochs": trainer.current_epoch,
+        "wall_s": round(time.perf_counter() - start, 2),
+        "threads": torch.get_num_threads(),
+        **cost,
+        "resumed_from": ckpt_path,
+        "output_dir": str(output_dir),
+    }
+    if trainer.is_global_zero:
+        write_metrics(metrics, output_dir)
+    return metrics
+
+
+def configure(cfg: DictConfig) -> None:
+    """Sets this job's torch threads, resolves and validates ``cfg``, and checks ``optimized_metric``."""
     threads = job_threads(cfg)
     if threads:
         torch.set_num_threads(threads)
@@ -185,21 +233,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"optimized_metric={metric!r} is not a metric cvarch-train writes; expected one of "
             f"{', '.join(METRIC_KEYS)} or (transfer=stage_probes) val/acc_stage<k>"
         )
-    transfer = build_transfer(cfg)
-    source_preprocess = transfer.adopt(cfg)  # a cvarch source brings its model and preprocess into the config
-    ckpt_path = resume_path(cfg)  # ckpt_path, or the run directory's last.ckpt for resume / ckpt_path=last
-    # refused before any work if it is missing or would run code when unpickled
-    ckpt = load_checkpoint_file(ckpt_path) if ckpt_path else None
-    check_launch(cfg)
-    done = finished_run(Path(cfg.paths.output_dir), cfg)
-    if done is not None:
-        log.info(
-            "%s already holds a finished run of this config (metrics.json): skipped", cfg.paths.output_dir
-        )
-        return done
-    trainer = build_trainer(cfg, start=False)  # knows this process's DDP rank; W&B starts after the checks
+
+
+def make_run_dir(cfg: DictConfig, trainer: pl.Trainer) -> Path:
+    """Creates the run directory and writes config.yaml there (rank 0 only: DDP's other processes share it)."""
     output_dir = Path(cfg.paths.output_dir)
-    if trainer.is_global_zero:  # DDP: the other processes share rank 0's run directory and write nothing
+    if trainer.is_global_zero:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, output_dir / "config.yaml")
@@ -208,57 +247,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"paths.output_dir: cannot write the run directory {output_dir} ({err.strerror}); set "
                 "paths.log_dir (or hydra.run.dir) to a writable folder"
             ) from None
-    pl.seed_everything(cfg.seed, workers=True)
+    return output_dir
 
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    preprocess = instantiate(cfg.preprocess)
-    if source_preprocess is not None:  # the source's statistics: the features were learnt on them
-        preprocess.load_state_dict(source_preprocess)
-    else:  # on the training split only, before init may need a batch
-        preprocess.fit(datamodule.train_images)
-    augment = build_augment(cfg)
-    input_shape = augment.output_shape(datamodule.image_shape)  # what the model sees
-    batch = None  # a data-driven init (needs_batch: LSUV) gets the first training batch, as the model sees it
-    if getattr(instantiate(cfg.init), "needs_batch", False):
-        images = next(iter(datamodule.train_dataloader()))[0]
-        batch = preprocess(TestTimeAugment().configure(input_shape[-1]).center(images))
-    model = build_model(cfg, image_shape=input_shape, batch=batch, transfer=transfer)
-    cost = model_cost(model, input_shape)
-    module = build_module(cfg, model, preprocess=preprocess, augment=augment, transfer=transfer)
-    if ckpt is not None:
-        check_fits(module, ckpt, ckpt_path, num_classes=cfg.data.num_classes)
-        del ckpt  # Lightning loads it again in fit
-    start_loggers(trainer, cfg)
-    try:
-        log_summary(trainer, cost)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        best = (
-            trainer.checkpoint_callback.best_model_path
-            if isinstance(trainer.checkpoint_callback, ModelCheckpoint)
-            else ""
-        )
-        ckpt = best or None
-        train_loss = trainer.callback_metrics.get("train/loss")
-        val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
-        test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=True)[0]
-    finally:
-        finish_loggers(trainer)
-    metrics = {
+
+def init_batch(
+    cfg: DictConfig, datamodule: Any, preprocess: torch.nn.Module, input_shape: tuple[int, int, int]
+) -> torch.Tensor | None:
+    """The first training batch as the model sees it (center view, preprocessed) for a data-driven init
+    (``needs_batch``: LSUV), else ``None``."""
+    if not getattr(instantiate(cfg.init), "needs_batch", False):
+        return None
+    images = next(iter(datamodule.train_dataloader()))[0]
+    return preprocess(TestTimeAugment().configure(input_shape[-1]).center(images))
+
+
+def fit_and_test(
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, ckpt_path: str | None
+) -> dict[str, Any]:
+    """Fits (from ``ckpt_path`` if given), then validates and tests the best checkpoint (the last weights when
+    no checkpoint was kept); returns ``train/loss``, the val and test metrics and ``best_ckpt``."""
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    callback = trainer.checkpoint_callback
+    best = (callback.best_model_path if isinstance(callback, ModelCheckpoint) else "") or None
+    train_loss = trainer.callback_metrics.get("train/loss")
+    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=True)[0]
+    return {
         "train/loss": float(train_loss) if train_loss is not None else None,
         **{k: float(v) for k, v in {**val, **test}.items() if k in METRIC_KEYS or STAGE_METRIC.fullmatch(k)},
-        "epochs": trainer.current_epoch,
-        "wall_s": round(time.perf_counter() - start, 2),
-        "threads": torch.get_num_threads(),
-        **cost,
-        "best_ckpt": best or None,
-        "resumed_from": ckpt_path,
-        "output_dir": str(output_dir),
+        "best_ckpt": best,
     }
-    if trainer.is_global_zero:
-        write_metrics(metrics, output_dir)
-    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
