@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 train: install  ## train the default model on the embedded digits dataset; ARGS="model=... optimizer.lr=..." are Hydra overrides
 	$(BIN)/cvarch-train $(ARGS)
 
-test: install  ## the whole test suite (slow tests included)
-	$(BIN)/python -m pytest $(ARGS)
+PYTEST := $(BIN)/python -m pytest -n auto --dist loadgroup  # one worker per core (pytest-xdist)
 
-test-fast: install  ## the suite without the slow marker
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+test: install  ## the whole test suite (slow tests included), one worker per core
+	$(PYTEST) $(ARGS)
+
+test-fast: install  ## the suite without the slow marker: no training longer than a few steps
+	$(PYTEST) -m "not slow" $(ARGS)
 
 bench: install  ## cvarch-bench, a developer tool: loader, step overhead, epoch and start-up ratios on $$CVARCH_DATA_DIR/cifar10 (about 15 min on 2 cores); writes bench.json; ARGS="only=[step] repeats=3" are its keys (conf/bench.yaml)
 	$(BIN)/cvarch-bench $(ARGS)
