@@ -50,9 +50,9 @@ def __getattr__(name: str) -> Any:
 
 class _Package(types.ModuleType):
     """Keeps ``cvarch.train`` the function: the first import of the submodule ``cvarch.train`` (``from
-    cvarch.train import …``, ``python -m``) would otherwise bind the module to that name, as importlib sets every
-    submodule on its parent. Setting a module's ``__class__`` is the documented way to customize its attributes
-    (Python reference, "Customizing module attribute access")."""
+    cvarch.train import …``, ``python -m``) would otherwise bind the module to that name, as importlib sets
+    every submodule on its parent. Setting a module's ``__class__`` is the documented way to customize its
+    attributes (Python reference, "Customizing module attribute access")."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "train" and isinstance(value, types.ModuleType):

@@ -95,7 +95,7 @@ class Augment(nn.Module):
         return size
 
     def output_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        """(C, H, W) of the augmented images, i.e. of what the model is trained on, given the images' shape."""
+        """(C, H, W) of what the model is trained on, given the images' shape."""
         channels, height, width = shape
         return channels, self.output_size(height), self.output_size(width)
 
@@ -528,8 +528,8 @@ def drawn_from(generator: torch.Generator, draw: Callable[[], torch.Tensor]) -> 
     """What ``draw`` returns when its random numbers come from ``generator``.
 
     ``torch.distributions`` samplers take no generator: they draw from the default generator of their device.
-    Here that generator is given ``generator``'s state for the draw, ``generator`` then continues from where the
-    draw left it, and the default generator gets its own state back, so dropout and init never see the draw.
+    Here that generator is given ``generator``'s state for the draw, ``generator`` continues from where the
+    draw left it, and the default generator gets its own state back: dropout and init never see the draw.
     """
     device = generator.device
     accelerator = [] if device.type == "cpu" else [device]

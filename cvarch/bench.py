@@ -8,10 +8,10 @@ Four figures, each measured in one process with the torch thread count pinned, A
 
 1. ``loader``: images/s of cvarch's CIFAR-10 training batches (the in-memory :class:`cvarch.data.BatchLoader`
    + ``augment=cifar`` + the fused ``preprocess=standardize``) against torchvision's per-image PIL pipeline
-   (``ImageFolder`` + ``RandomCrop(32, 4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``, 2 workers),
-   both on the same image-folder tree.
-2. ``step``: steady-state training images/s of a ``cvarch-train`` run (``model=resnet20``, batch 128) against a
-   hand-written loop over the same model, data tensors, optimizer and augmentation, without Lightning, Hydra
+   (``ImageFolder`` + ``RandomCrop(32, 4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``,
+   2 workers), both on the same image-folder tree.
+2. ``step``: steady-state training images/s of a ``cvarch-train`` run (``model=resnet20``, batch 128) against
+   a hand-written loop over the same model, data tensors, optimizer and augmentation, without Lightning, Hydra
    or logging. Warm-up steps are excluded.
 3. ``epoch``: wall time of one full training epoch plus validation, ``cvarch-train`` against the loop.
 4. ``startup``: seconds from launching ``cvarch-train`` to its first training step, and the seconds of that
@@ -128,7 +128,7 @@ def compare(
     }
 
 
-# --- 1. the loader ---------------------------------------------------------------------------------------------
+# --- 1. the loader ------------------------------------------------------------------------------------------
 def torchvision_loader_rate(
     root: Path, batch_size: int, batches: int, workers: int, device: torch.device
 ) -> float:
@@ -178,10 +178,10 @@ def cvarch_loader_rate(raw: RawLoop, batches: int) -> float:
     return batches * raw.batch_size / (time.perf_counter() - start)
 
 
-# --- 2 and 3. cvarch-train against a hand-written loop ---------------------------------------------------------
+# --- 2 and 3. cvarch-train against a hand-written loop ------------------------------------------------------
 def run_overrides(root: Path, num_classes: int, out: Path, extra: Sequence[str] = ()) -> list[str]:
-    """The ``cvarch-train`` overrides every benchmark run shares: ResNet-20, batch 128, CIFAR augmentation, the
-    image folder at ``root``, logs in ``out``, and the :class:`StepTimer` callback."""
+    """The ``cvarch-train`` overrides every benchmark run shares: ResNet-20, batch 128, CIFAR augmentation,
+    the image folder at ``root``, logs in ``out``, and the :class:`StepTimer` callback."""
     return [
         "model=resnet20",
         "data=imagefolder",
@@ -293,7 +293,7 @@ class RawLoop:
         return time.time() - start
 
 
-# --- 4. start-up -------------------------------------------------------------------------------------------------
+# --- 4. start-up --------------------------------------------------------------------------------------------
 def startup_seconds(overrides: Sequence[str], out: Path) -> float:
     """Seconds from launching ``cvarch-train`` (a fresh process) to the start of its first training batch."""
     times = out / "times.json"
@@ -306,8 +306,8 @@ def startup_seconds(overrides: Sequence[str], out: Path) -> float:
 
 
 def import_seconds(overrides: Sequence[str]) -> tuple[float, list[tuple[str, float]]]:
-    """Seconds a ``cvarch-train`` start spends importing (``-X importtime``, top-level imports summed), and the
-    five slowest top-level imports."""
+    """Seconds a ``cvarch-train`` start spends importing (``-X importtime``, top-level imports summed), and
+    the five slowest top-level imports."""
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "cvarch.train", *overrides],
         check=True,
@@ -329,7 +329,7 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HYDRA_FULL_ERROR": "1"}
 
 
-# --- the harness -------------------------------------------------------------------------------------------------
+# --- the harness --------------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     cpu = platform.processor() or platform.machine()

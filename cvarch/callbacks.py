@@ -344,7 +344,7 @@ class AugmentationGrid(pl.Callback):
 
 class TestPredictions(pl.Callback):
     """At test time: the confusion matrix (``confusion_matrix.json`` in the run directory) and, with a W&B
-    logger, W&B's confusion-matrix plot and a table of the first test images with their labels and predictions.
+    logger, W&B's confusion-matrix plot and a table of the first test images, labels and predictions.
 
     Args:
         dirpath: folder of ``confusion_matrix.json``.

@@ -1,6 +1,8 @@
-"""Checkpoints that survive a kill and are data, not code: atomic writes, ``weights_only`` loads, received run
-configs checked before anything is built from them, the global RNG state exact continuation needs, and what
-``resume`` / ``ckpt_path=last`` point at."""
+"""Checkpoints that survive a kill and are data, not code.
+
+Atomic writes, ``weights_only`` loads, received run configs checked before anything is built from them, the
+global RNG state exact continuation needs, and what ``resume`` / ``ckpt_path=last`` point at.
+"""
 
 from __future__ import annotations
 
@@ -82,11 +84,11 @@ def write_metrics(metrics: dict[str, Any], output_dir: str | Path) -> Path:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O with a write that a kill cannot tear, and loads that run no pickled code.
 
-    Lightning 2.6 writes through an fsspec transaction whose temporary file is in the system temp folder; where
-    that is another filesystem than the run directory (a local ``/tmp``, a network home) the final
+    Lightning 2.6 writes through an fsspec transaction whose temporary file is in the system temp folder;
+    where that is another filesystem than the run directory (a local ``/tmp``, a network home) the final
     ``shutil.move`` is a copy that truncates the old checkpoint first, and a kill mid-copy leaves neither.
-    Here the bytes go to a hidden file next to the target, are fsynced, and ``os.replace`` swaps it in: the path
-    holds the old checkpoint or the new one, never part of one.
+    Here the bytes go to a hidden file next to the target, are fsynced, and ``os.replace`` swaps it in: the
+    path holds the old checkpoint or the new one, never part of one.
     """
 
     def save_checkpoint(
@@ -243,8 +245,8 @@ def check_classes(ckpt: dict[str, Any], path: str | Path, num_classes: int) -> N
 
 def check_fits(module: torch.nn.Module, ckpt: dict[str, Any], path: str, num_classes: int) -> None:
     """Refuses, before any training step, a ``ckpt_path`` whose weights do not fit the run's model: a
-    ``num_classes`` that disagrees with the dataset (:func:`check_classes`), or another architecture; names the
-    first layers that differ.
+    ``num_classes`` that disagrees with the dataset (:func:`check_classes`), or another architecture; names
+    the first layers that differ.
 
     Raises:
         ValueError: naming ``ckpt_path``, the file and the layers (or ``num_classes``).

@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-# The configs ship inside the package as cvarch.conf (pyproject.toml maps it to the repository's conf/ folder), so
-# an installed wheel finds them as an editable install does.
+# The configs ship inside the package as cvarch.conf (pyproject.toml maps it to the repository's conf/
+# folder), so an installed wheel finds them as an editable install does.
 CONFIG_MODULE = "cvarch.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # config_path of every console script's @hydra.main
 CONFIG_DIR = str(files(CONFIG_MODULE))  # the same folder on disk, for code and tests that list its YAML files
@@ -53,9 +53,9 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
 
 def split_off(node: Mapping[str, Any] | None, key: str) -> tuple[dict | None, dict]:
     """Splits a group's node into its ``_target_`` config and the sub-key ``key``, which is not a constructor
-    argument: ``lightning`` of the ``scheduler`` group (``monitor``, ``interval``, ``frequency``) and ``groups``
-    of the ``optimizer`` group (``decay_norm_bias``, ``lr_mult``: see :func:`cvarch.optimizer.param_groups`).
-    An empty or missing node gives ``(None, {})``."""
+    argument: ``lightning`` of the ``scheduler`` group (``monitor``, ``interval``, ``frequency``) and
+    ``groups`` of the ``optimizer`` group (``decay_norm_bias``, ``lr_mult``: see
+    :func:`cvarch.optimizer.param_groups`). An empty or missing node gives ``(None, {})``."""
     if not node:
         return None, {}
     node = dict(node)
@@ -64,7 +64,7 @@ def split_off(node: Mapping[str, Any] | None, key: str) -> tuple[dict | None, di
 
 
 def scheduler_parts(scheduler: Mapping[str, Any] | None) -> tuple[dict | None, dict]:
-    """The ``torch.optim.lr_scheduler`` partial config and Lightning's ``lightning`` keys of the scheduler group."""
+    """The scheduler group's ``torch.optim.lr_scheduler`` partial config and its ``lightning`` keys."""
     return split_off(scheduler, "lightning")
 
 
@@ -88,8 +88,8 @@ def model_parts(model: Mapping[str, Any]) -> tuple[dict, dict[str, bool]]:
 def validate(cfg: DictConfig) -> None:
     """Checks every ``_target_`` node's keys and value types against the target's signature, before any work.
 
-    Only clear mismatches are errors: an unknown key where the target takes no ``**kwargs``, or a value whose type
-    cannot match the annotation (``optimizer.lr=abc`` against ``lr: float``). Unknown annotations pass.
+    Only clear mismatches are errors: an unknown key where the target takes no ``**kwargs``, or a value whose
+    type cannot match the annotation (``optimizer.lr=abc`` against ``lr: float``). Unknown annotations pass.
 
     Raises:
         ConfigError: listing every offending dotted key.
@@ -140,13 +140,14 @@ def _check(node: Any, path: str, errors: list[str]) -> None:
             _check(value, f"{path}.{key}" if path else str(key), errors)
 
 
-# --- the trust boundary ---------------------------------------------------------------------------------------
-# What the user runs (command line, their config files, their Python) is trusted, as in any Hydra app: a config is
-# code. What they received (a checkpoint's saved config, a run folder's config.yaml, a transfer source) is data:
-# from it cvarch builds only the exact targets of its own packaged configs (and of installed cvarch plugins), plus
-# those of the packages the user names with ``trust=[pkg]`` on the command line. Matching is on exact names, not
-# on a prefix such as ``torch.``: torch has callables that load or run code (``torch.hub.load``, ``torch.load``,
-# ``torch.jit.load``, ``torch._inductor.codecache.PyCodeCache.load``, ``torch.utils.cpp_extension.load_inline``).
+# --- the trust boundary -------------------------------------------------------------------------------------
+# What the user runs (command line, their config files, their Python) is trusted, as in any Hydra app: a
+# config is code. What they received (a checkpoint's saved config, a run folder's config.yaml, a transfer
+# source) is data: from it cvarch builds only the exact targets of its own packaged configs (and of installed
+# cvarch plugins), plus those of the packages the user names with ``trust=[pkg]`` on the command line.
+# Matching is on exact names, not on a prefix such as ``torch.``: torch has callables that load or run code
+# (``torch.hub.load``, ``torch.load``, ``torch.jit.load``, ``torch._inductor.codecache.PyCodeCache.load``,
+# ``torch.utils.cpp_extension.load_inline``).
 
 
 def _yaml_files(root: Any) -> Iterator[Any]:
@@ -164,7 +165,7 @@ RETIRED_TARGETS = frozenset({"cvarch.init.apply_init"})  # init's one target bef
 
 @functools.cache
 def packaged_targets() -> frozenset[str]:
-    """The exact ``_target_`` names that cvarch's packaged configs, and the installed plugins' configs, build."""
+    """The exact ``_target_`` names that the packaged configs of cvarch and its installed plugins build."""
     from importlib.resources import files
 
     import yaml
@@ -188,8 +189,8 @@ def packaged_targets() -> frozenset[str]:
 @functools.cache
 def torch_classes() -> frozenset[str]:
     """The explicit module sets a received config may also build: torch's layer classes (``torch.nn.<Layer>``,
-    from ``torch.nn.modules.__all__``: a plain ``torch.nn.Sequential`` model), optimizers (``torch.optim``) and
-    lr schedulers (``torch.optim.lr_scheduler``). Constructors that only allocate; no loader is among them."""
+    from ``torch.nn.modules.__all__``: a plain ``torch.nn.Sequential`` model), optimizers (``torch.optim``)
+    and lr schedulers (``torch.optim.lr_scheduler``): constructors that only allocate, no loader."""
     import torch.nn.modules
     import torch.optim.lr_scheduler
 
@@ -207,8 +208,8 @@ def torch_classes() -> frozenset[str]:
 
 
 def trusted_packages(trust: Sequence[str] | None = ()) -> tuple[str, ...]:
-    """The packages whose objects a received file may build: those the user named in ``trust`` and the installed
-    cvarch plugins' packages.
+    """The packages whose objects a received file may build: those the user named in ``trust`` and the
+    installed cvarch plugins' packages.
 
     Raises:
         ConfigError: naming ``trust`` when an entry is not a dotted package name.
@@ -229,14 +230,15 @@ def _in_packages(name: str, packages: Sequence[str]) -> bool:
 
 
 def received_target_error(target: Any, where: str, source: str, packages: Sequence[str]) -> str | None:
-    """Why a received file may not build ``target``, or ``None``. A target of a trusted package must also resolve
-    to an object defined in one (an alias such as ``mylab.os.system`` is refused); an exact packaged target is
-    never imported here; see :func:`torch_classes` for the torch classes."""
+    """Why a received file may not build ``target``, or ``None``. A target of a trusted package must also
+    resolve to an object defined in one (an alias such as ``mylab.os.system`` is refused); an exact packaged
+    target is never imported here; see :func:`torch_classes` for the torch classes."""
     if isinstance(target, str) and (target in packaged_targets() or target in torch_classes()):
         return None
     top = str(target).split(".")[0]
     refusal = (
-        f"{source}: {where}: {target!r} is not allowed. A received file (checkpoint, run folder, transfer source) "
+        f"{source}: {where}: {target!r} is not allowed. A received file "
+        "(checkpoint, run folder, transfer source) "
         "is data: cvarch builds from it only the targets of its own configs and installed cvarch plugins"
     )
     if not isinstance(target, str) or not _in_packages(target, packages):

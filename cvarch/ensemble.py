@@ -1,9 +1,9 @@
-"""``cvarch-ensemble runs=[dir,…]|runs=<multirun dir> [split=test] [tta=…]``: average the softmax of trained runs.
+"""``cvarch-ensemble runs=[dir,…]|runs=<multirun dir> [split=test] [tta=…]``: average runs' softmax.
 
-Each run's best checkpoint is loaded (model, fitted preprocessing, norm statistics), its class probabilities on
-one split are computed (with test-time views if ``tta`` is set), and the ensemble predicts their mean. This is the
-lecture's "model ensembles" trick: AlexNet's 7 CNNs took top-5 error from 18.2% to 15.4% (Krizhevsky et al. 2012
-§6). ``experiment=ensemble`` trains N seeds as a multirun and ensembles them when the sweep ends.
+Each run's best checkpoint is loaded (model, fitted preprocessing, norm statistics), its class probabilities
+on one split are computed (with test-time views if ``tta`` is set), and the ensemble predicts their mean. This
+is the lecture's "model ensembles" trick: AlexNet's 7 CNNs took top-5 error from 18.2% to 15.4% (Krizhevsky et
+al. 2012 §6). ``experiment=ensemble`` trains N seeds as a multirun and ensembles them when the sweep ends.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def run_dirs(runs: str | Path | Sequence[str | Path]) -> list[Path]:
     order.
 
     Raises:
-        FileNotFoundError: naming the entry of ``runs`` that is neither, or whose jobs all lack ``metrics.json``.
+        FileNotFoundError: naming the entry of ``runs`` that is neither, or whose jobs all lack metrics.
     """
     entries = [runs] if isinstance(runs, (str, Path)) else list(runs)
     found: list[Path] = []
@@ -47,7 +47,8 @@ def run_dirs(runs: str | Path | Sequence[str | Path]) -> list[Path]:
         dirs = [job.dir for job in jobs if job.finished or job.dir == path]
         if not dirs:
             raise FileNotFoundError(
-                f"runs: none of the {len(jobs)} jobs of the multirun directory {path} finished (no */metrics.json)"
+                f"runs: none of the {len(jobs)} jobs of the multirun directory {path} finished "
+                "(no */metrics.json)"
             )
         found.extend(dirs)
     return found
@@ -112,7 +113,7 @@ def ensemble(
         data: a ``data`` group node to evaluate on instead of the runs' own.
         device: ``cuda`` or ``cpu``; by default CUDA when available.
         trust: packages whose targets the runs' configs may build beyond cvarch's own (a run folder someone
-            sent you is data: its ``config.yaml`` and checkpoint configs are checked before anything is built).
+            sent you is data: its ``config.yaml`` and checkpoint configs are checked before any build).
 
     Returns:
         ``{"members": [{run, ckpt, acc, acc_top5}], "ensemble": {acc, acc_top5}, "mean_member": {…},
@@ -177,7 +178,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """``cvarch-ensemble`` as a function: ensembles ``cfg.runs``, writes ``ensemble.json`` and prints the table."""
+    """``cvarch-ensemble`` as a function: ensembles ``cfg.runs``, writes ``ensemble.json``, prints a table."""
     start = time.perf_counter()
     report = ensemble(
         cfg.runs,
@@ -197,8 +198,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 class EnsembleCallback(Callback):
-    """Hydra callback of ``experiment=ensemble``: when the multirun ends, ensembles its finished jobs and writes
-    ``ensemble.json`` into the sweep directory.
+    """Hydra callback of ``experiment=ensemble``: when the multirun ends, ensembles its finished jobs and
+    writes ``ensemble.json`` into the sweep directory.
 
     Args:
         split: the split evaluated.

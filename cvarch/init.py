@@ -60,7 +60,8 @@ class Reinit(Default):
     def __call__(self, model: nn.Module, batch: torch.Tensor | None = None) -> nn.Module:
         if self.needs_batch and batch is None:
             raise ValueError(
-                f"init={self.name} is data-driven: a batch is required, {type(self).__name__}()(model, batch=x)"
+                f"init={self.name} is data-driven: a batch is required, "
+                f"{type(self).__name__}()(model, batch=x)"
             )
         with torch.no_grad():
             for m in model.modules():
@@ -214,11 +215,11 @@ class Orthogonal(Reinit):
 
 
 class LSUV(Reinit):
-    """``init=lsuv``: orthogonal init, then for each conv/linear layer in forward order its weight rescaled until
-    its output on the batch has variance 1 within ``tol``, at most ``max_iters`` times.
+    """``init=lsuv``: orthogonal init, then for each conv/linear layer in forward order its weight rescaled
+    until its output on the batch has variance 1 within ``tol``, at most ``max_iters`` times.
 
-    Mishkin & Matas 2016, "All you need is a good init", Alg. 1. Data-driven (``needs_batch``): training passes
-    its first training batch, as the model sees it.
+    Mishkin & Matas 2016, "All you need is a good init", Alg. 1. Data-driven (``needs_batch``): training
+    passes its first training batch, as the model sees it.
 
     Args:
         tol: stop when |Var(output) − 1| < tol (paper: Tol_var = 0.1).
@@ -275,8 +276,8 @@ SCHEMES: dict[str, type[Default]] = {
 def apply_init(
     model: nn.Module, scheme: str = "default", batch: torch.Tensor | None = None, **options: Any
 ) -> nn.Module:
-    """Applies the init scheme named ``scheme`` to every layer of ``model`` in place and returns it: the Python
-    route to what ``init=<scheme> init.<option>=…`` does.
+    """Applies the init scheme named ``scheme`` to every layer of ``model`` in place and returns it: the
+    Python route to what ``init=<scheme> init.<option>=…`` does.
 
     Lecture "Weight initialization"; Glorot & Bengio 2010 eq. (16); He et al. 2015 §2.2 eq. (10);
     Saxe et al. 2014 §3; Mishkin & Matas 2016 Alg. 1.

@@ -1,7 +1,7 @@
 """The ``norm`` group: what fills every normalization slot of a model.
 
-Each option is a factory called as ``norm(num_channels)``; models resolve a string or a callable once, at the top
-of their constructor, through :func:`get_norm_layer` (timm's ``get_norm_layer`` pattern).
+Each option is a factory called as ``norm(num_channels)``; models resolve a string or a callable once, at the
+top of their constructor, through :func:`get_norm_layer` (timm's ``get_norm_layer`` pattern).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
 def batchnorm(
     num_channels: int, momentum: float = 0.1, eps: float = 1e-5, freeze_stats: bool = False
 ) -> nn.BatchNorm2d:
-    """Batch normalization over (N, H, W) per channel. Ioffe & Szegedy 2015, Alg. 1 (training) and Alg. 2 (test).
+    """Batch normalization over (N, H, W) per channel. Ioffe & Szegedy 2015, Alg. 1 (train) and Alg. 2 (test).
 
     As the lecture puts it, BN is usually inserted after FC or conv layers and before the nonlinearity; in
     training it normalizes with the batch's statistics, and at test time BN uses the running averages.
@@ -79,8 +79,8 @@ def lrn(
 class GroupNorm(nn.GroupNorm):
     """Group normalization (Wu & He 2018) called as ``norm(num_channels)``, with ``groups`` fixed up front.
 
-    A layer narrower than G gets one channel per group (G = C), so G=32 also fills the 16-channel layers of the
-    CIFAR ResNets.
+    A layer narrower than G gets one channel per group (G = C), so G=32 also fills the 16-channel layers of
+    the CIFAR ResNets.
 
     Args:
         num_channels: channels C; must be divisible by ``groups`` when C > ``groups``.
@@ -96,7 +96,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """Layer normalization over the channels of each (n, h, w) position of an (N, C, H, W) map. Ba et al. 2016.
+    """Layer normalization over the channels of each (n, h, w) position of an (N, C, H, W) map (Ba 2016).
 
     The channels-only variant conv nets use (ConvNeXt's ``LayerNorm2d``, Liu et al. 2022): per-channel γ and β
     (2C parameters), no running statistics, so training and test behave alike and no sample sees another.

@@ -1,21 +1,21 @@
 """Installed cvarch plugins: packages that add options to cvarch's config groups (a model, a dataset, …).
 
-A plugin is an installed distribution with an entry point in the group ``cvarch.plugins`` whose value names its
-package (see ``examples/cvarch-example-plugin``)::
+A plugin is an installed distribution with an entry point in the group ``cvarch.plugins`` whose value names
+its package (see ``examples/cvarch-example-plugin``)::
 
     [project.entry-points."cvarch.plugins"]
     example = "cvarch_example_plugin"
 
 - Its configs live in ``<package>/conf/<group>/<option>.yaml``, in the package ``<package>.conf`` (it needs an
   ``__init__.py``), read as ``pkg://<package>.conf``. cvarch's Hydra search-path plugin
-  (``hydra_plugins.cvarch_searchpath``) appends it after cvarch's own configs, so ``cvarch-train model=<option>``
-  finds them, and ``cvarch-train --help`` lists them. cvarch's own options come first: a plugin adds options, it
-  cannot replace one of cvarch's.
-- Its package is trusted as cvarch is: installing it is the consent, so a received checkpoint or run folder may
-  build the targets of its configs without ``trust=[<package>]`` (see :mod:`cvarch.config`).
+  (``hydra_plugins.cvarch_searchpath``) appends it after cvarch's own configs, so
+  ``cvarch-train model=<option>`` finds them, and ``cvarch-train --help`` lists them. cvarch's own options
+  come first: a plugin adds options, it cannot replace one of cvarch's.
+- Its package is trusted as cvarch is: installing it is the consent, so a received checkpoint or run folder
+  may build the targets of its configs without ``trust=[<package>]`` (see :mod:`cvarch.config`).
 
-Discovery reads the installed distributions' metadata only: no plugin package is imported here. This module imports
-only the standard library, because Hydra imports it at start-up through the search-path plugin.
+Discovery reads the installed distributions' metadata only: no plugin package is imported here. This module
+imports only the standard library, because Hydra imports it at start-up through the search-path plugin.
 """
 
 from __future__ import annotations

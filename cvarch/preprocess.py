@@ -1,8 +1,8 @@
-"""The ``preprocess`` group: the lecture's "Step 1: preprocess the data", as a module inside the model wrapper.
+"""The ``preprocess`` group: the lecture's "Step 1: preprocess the data", as a module in the model wrapper.
 
-Statistics are fitted on the training split only, before the first step, and live in buffers, so they are saved
-in the checkpoint and evaluation reuses exactly the transform training used. Every option first rescales uint8
-pixels to [0, 1], so all statistics are in units of pixel/255.
+Statistics are fitted on the training split only, before the first step, and live in buffers, so they are
+saved in the checkpoint and evaluation reuses exactly the transform training used. Every option first rescales
+uint8 pixels to [0, 1], so all statistics are in units of pixel/255.
 
 Each option is one fused pass over a uint8 batch: the rescaling is folded into the affine map (or, for
 whitening, into the matrix product), and the uint8 → float conversion happens inside that kernel by type
@@ -35,7 +35,7 @@ class Rescale(nn.Module):
 
 
 class _Fitted(Rescale):
-    """Base of the options with fitted statistics: their buffers are empty until ``fit`` or a checkpoint fills them."""
+    """Base of the options with fitted statistics, empty until ``fit`` or a checkpoint fills the buffers."""
 
     option = ""  # the option's name in conf/preprocess/, for error messages
     statistics: tuple[str, ...] = ("mean",)
@@ -64,7 +64,7 @@ def _chunks(images: torch.Tensor):
 
 
 class MeanImage(_Fitted):
-    """Subtracts the mean image, a (C, H, W) array averaged over the training split (the lecture's AlexNet option).
+    """Subtracts the mean image, (C, H, W) averaged over the training split (the lecture's AlexNet option).
 
     Krizhevsky, Sutskever & Hinton 2012, "ImageNet Classification with Deep CNNs", §2: "subtracting the mean
     activity over the training set from each pixel".
@@ -92,7 +92,7 @@ class MeanImage(_Fitted):
 def _fit_to(mean: torch.Tensor, size: torch.Size) -> torch.Tensor:
     """The (C, H, W) mean image for inputs of ``size``: itself, its central crop for the smaller crops an
     ``augment`` option trains on (AlexNet subtracts the 256×256 mean before cropping 224s, §2), or bilinearly
-    resized for larger inputs. Mean images are smooth, so the central crop stands in for every crop's window."""
+    resized for larger inputs. Mean images are smooth, so the central crop stands in for every window."""
     if mean.shape[-2:] == size:
         return mean
     height, width = size
@@ -103,10 +103,10 @@ def _fit_to(mean: torch.Tensor, size: torch.Size) -> torch.Tensor:
 
 
 class ChannelMean(_Fitted):
-    """Subtracts the per-channel mean, C numbers over every pixel of the training split (the lecture's VGG option).
+    """Subtracts the per-channel mean over every pixel of the training split (the lecture's VGG option).
 
-    Simonyan & Zisserman 2014, "Very Deep Convolutional Networks", §2.1: "subtracting the mean RGB value, computed
-    on the training set, from each pixel".
+    Simonyan & Zisserman 2014, "Very Deep Convolutional Networks", §2.1: "subtracting the mean RGB value,
+    computed on the training set, from each pixel".
     """
 
     option = "channel_mean"
@@ -182,8 +182,8 @@ class Whiten(_Fitted):
     With the training covariance Σ = U Λ Uᵀ, ``pca`` maps x ↦ (Λ + eps)^{-1/2} Uᵀ (x − μ) and ``zca`` maps
     x ↦ U (Λ + eps)^{-1/2} Uᵀ (x − μ). Both give (near) identity covariance on the training split; ZCA is the
     whitening closest to the identity map, so its output still looks like an image. The PCA output is reshaped
-    back to (C, H, W) only to keep the input shape: it is NOT an image, but the D principal components in order
-    of decreasing variance. The lecture notes that whitening is not common for CNNs.
+    back to (C, H, W) only to keep the input shape: it is NOT an image, but the D principal components in
+    order of decreasing variance. The lecture notes that whitening is not common for CNNs.
     Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images", App. A (ZCA on CIFAR);
     Coates, Lee & Ng 2011, "An Analysis of Single-Layer Networks in Unsupervised Feature Learning" (ZCA).
 

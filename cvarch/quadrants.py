@@ -8,8 +8,8 @@ The lecture's advice, one ``transfer`` option per cell (Yosinski et al. 2014; Ra
 | quite a lot of data  | ``finetune_top``     | ``finetune_all``       |
 
 :class:`QuadrantsCallback` trains the source once into the sweep folder before the first job, and writes the
-report when the multirun ends; ``python -m cvarch.quadrants sweep_dir=<sweep dir> readme=README.md`` rewrites it
-from a finished (or partial) sweep, and puts its table into the README.
+report when the multirun ends; ``python -m cvarch.quadrants sweep_dir=<sweep dir> readme=README.md`` rewrites
+it from a finished (or partial) sweep, and puts its table into the README.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def job_accuracy(metrics: dict[str, Any]) -> tuple[float, str | None]:
 def collect(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Every job of a quadrant sweep: ``(finished jobs, unfinished job folders)``.
 
-    A job is identified by its sweep overrides (``.hydra/overrides.yaml``): ``data``, ``data.train_per_class``,
-    ``transfer`` and ``seed``; folders without ``data`` and ``transfer`` overrides (the source run) are skipped.
+    A job is identified by its sweep overrides (``.hydra/overrides.yaml``): ``data``,
+    ``data.train_per_class``, ``transfer`` and ``seed``; folders without ``data`` and ``transfer`` overrides
+    (the source run) are skipped.
 
     Raises:
         FileNotFoundError: naming the folder when it holds no job (:func:`cvarch.runs.list_jobs`).
@@ -116,8 +117,8 @@ def summarize(jobs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any], failed: Sequence[str] = ()) -> str:
-    """The 2×2 table (test accuracy %, mean ± std over seeds; best per cell in bold and marked ★, the lecture's
-    recommendation marked ◆), then the cells' winners against the lecture."""
+    """The 2×2 table (test accuracy %, mean ± std over seeds; best per cell in bold and marked ★, the
+    lecture's recommendation marked ◆), then the cells' winners against the lecture."""
     cells = summary["cells"]
 
     def cell_text(name: str) -> str:
@@ -255,11 +256,12 @@ def write_readme(table: str, readme: str | Path) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """``python -m cvarch.quadrants`` as a function: (re)writes the report of the quadrant sweep
-    ``cfg.sweep_dir`` (:func:`report`), puts its table into ``cfg.readme``'s quadrants block when one is named,
-    and prints the table.
+    ``cfg.sweep_dir`` (:func:`report`), puts its table into ``cfg.readme``'s quadrants block when one is
+    named, and prints the table.
 
     Args:
-        cfg: the ``quadrants`` root config (``@hydra.main`` or ``cvarch.compose(..., config_name="quadrants")``).
+        cfg: the ``quadrants`` root config (``@hydra.main`` or
+            ``cvarch.compose(..., config_name="quadrants")``).
     """
     summary = report(cfg.sweep_dir)
     table = (Path(cfg.sweep_dir) / "quadrants.md").read_text()
@@ -271,7 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="quadrants")
 def main(cfg: DictConfig) -> None:
-    """``python -m cvarch.quadrants sweep_dir=… [readme=README.md]``; the last line printed is the sweep folder."""
+    """``python -m cvarch.quadrants sweep_dir=… [readme=README.md]``; prints the sweep folder last."""
     run(cfg)
     print(cfg.sweep_dir)
 

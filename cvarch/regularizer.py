@@ -1,9 +1,9 @@
 """The ``regularizer`` group: explicit penalty terms added to the training loss, ``L = data loss + λ·R(W)``.
 
-The LightningModule calls ``regularizer(model)`` each training step, adds what it returns to the loss, and logs
-it apart from the data loss (``train/penalty``, ``train/data_loss``). The optimizer's ``weight_decay`` is the
-other, implicit route to L2; for plain or momentum SGD, ``weight_decay=wd`` is exactly ``l2`` with ``λ = wd/2``
-(the README explains when the two differ).
+The LightningModule calls ``regularizer(model)`` each training step, adds what it returns to the loss, and
+logs it apart from the data loss (``train/penalty``, ``train/data_loss``). The optimizer's ``weight_decay`` is
+the other, implicit route to L2; for plain or momentum SGD, ``weight_decay=wd`` is exactly ``l2`` with
+``λ = wd/2`` (the README explains when the two differ).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Regularizer:
 
 
 class L2(Regularizer):
-    """Ridge / weight decay in the loss: ``λ·ΣW²`` (the lecture's L2 regularization; AlexNet: wd 5e-4 in SGD)."""
+    """Weight decay in the loss: ``λ·ΣW²`` (the lecture's L2 regularization; AlexNet: wd 5e-4 in SGD)."""
 
     def term(self, param: torch.Tensor) -> torch.Tensor:
         return param.square().sum()

@@ -2,10 +2,10 @@
 
 Each job of a Hydra multirun leaves ``<sweep>/<n>/.hydra/overrides.yaml`` and, when it finishes,
 ``<sweep>/<n>/metrics.json`` (read through :func:`cvarch.runs.list_jobs`). The report groups finished jobs by
-every swept factor except ``seed`` and gives each group's mean ± sample std and run count, the paired differences
-against a baseline (jobs that differ only in the baseline factor, seed included, are paired), a bar plot of the
-group means, and the jobs that did not finish. It works on a partial sweep. airbench and Composer report seeds
-the same way (mean ± std, n).
+every swept factor except ``seed`` and gives each group's mean ± sample std and run count, the paired
+differences against a baseline (jobs that differ only in the baseline factor, seed included, are paired), a
+bar plot of the group means, and the jobs that did not finish. It works on a partial sweep. airbench and
+Composer report seeds the same way (mean ± std, n).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ NOT_FACTORS = (
 
 
 def swept_factors(jobs: Sequence[Job]) -> list[str]:
-    """Override keys whose value differs between jobs, ``seed`` and path keys excluded, in first-seen order."""
+    """Override keys whose value differs between jobs, in first-seen order (``seed`` and paths excluded)."""
     values: dict[str, set[str]] = defaultdict(set)
     for job in jobs:
         for key in {k for j in jobs for k in j.overrides}:
@@ -55,7 +55,7 @@ def _value(job: Job, metric: str) -> float | None:
 
 
 def groups(jobs: Sequence[Job], metric: str, factors: Sequence[str]) -> list[dict[str, Any]]:
-    """Finished jobs grouped by ``factors``: ``{factor: value, …, "n", "mean", "std", "values"}`` per group."""
+    """Finished jobs grouped by ``factors``: ``{factor: value, …, "n", "mean", "std", "values"}`` each."""
     by_level: dict[tuple[str, ...], list[float]] = defaultdict(list)
     for job in jobs:
         if _value(job, metric) is not None:
@@ -75,8 +75,8 @@ def groups(jobs: Sequence[Job], metric: str, factors: Sequence[str]) -> list[dic
 def paired_differences(
     jobs: Sequence[Job], metric: str, factors: Sequence[str], baseline: tuple[str, str]
 ) -> list[dict[str, Any]]:
-    """Mean ± std of ``metric − metric(baseline job)`` per group, over jobs paired with the job whose overrides
-    are the same except ``baseline[0]=baseline[1]`` (same seed: a paired comparison).
+    """Mean ± std of ``metric − metric(baseline job)`` per group, over jobs paired with the job whose
+    overrides are the same except ``baseline[0]=baseline[1]`` (same seed: a paired comparison).
 
     Raises:
         ValueError: naming the baseline when its factor was not swept or no job has its value.
@@ -209,8 +209,8 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 
 def wandb_node(jobs: Sequence[Job]) -> tuple[dict[str, Any], str] | None:
-    """The ``logger.wandb`` node and ``task_name`` of the sweep's jobs (from a job's ``config.yaml``); ``None``
-    when the jobs logged without W&B."""
+    """The ``logger.wandb`` node and ``task_name`` of the sweep's jobs (from a job's ``config.yaml``);
+    ``None`` when the jobs logged without W&B."""
     for job in jobs:
         cfg = job.config()
         if cfg is not None:
@@ -221,9 +221,9 @@ def wandb_node(jobs: Sequence[Job]) -> tuple[dict[str, Any], str] | None:
 
 def log_wandb(summary: dict[str, Any], out: Path, node: dict[str, Any], task_name: str) -> Path | None:
     """Logs the report (group table, paired differences, plots) as one W&B run of ``job_type=report`` in the
-    sweep's W&B group (the jobs' group: ``<task_name>/<sweep folder>``, or the group they were given), with the
-    jobs' project and mode (offline by default). If W&B cannot start, warns and returns ``None``: the report
-    files are written already."""
+    sweep's W&B group (the jobs' group: ``<task_name>/<sweep folder>``, or the group they were given), with
+    the jobs' project and mode (offline by default). If W&B cannot start, warns and returns ``None``: the
+    report files are written already."""
     import wandb
 
     from cvarch.build import sweep_group
@@ -274,15 +274,15 @@ def report(
     curve: str | None = None,
     wandb: str = "auto",
 ) -> dict[str, Any]:
-    """Writes ``report.md``, ``report.csv``, ``report.json`` and ``report.png`` for a sweep and returns the summary.
+    """Writes ``report.md``, ``.csv``, ``.json`` and ``.png`` for a sweep and returns the summary.
 
     Args:
         sweep_dir: the multirun folder.
         metric: the ``metrics.json`` key compared (``test/acc``, ``val/acc``, ``train/loss``, …).
         baseline: ``(factor, value)`` to pair every other group's jobs against.
         out_dir: where the files go; the sweep folder by default.
-        curve: a ``history.json`` key (``train/acc``, ``val/loss``; ``train/error`` = 1 − ``train/acc``) to plot
-            per epoch and group into ``report_curves.png``.
+        curve: a ``history.json`` key (``train/acc``, ``val/loss``; ``train/error`` = 1 − ``train/acc``) to
+            plot per epoch and group into ``report_curves.png``.
         wandb: ``auto`` logs the report to W&B when the jobs logged to W&B (:func:`log_wandb`), ``on`` always
             (W&B's defaults: project cvarch, offline), ``off`` never.
 
@@ -328,7 +328,7 @@ def report(
 
 def parse_baseline(text: str | None) -> tuple[str, str] | None:
     """``baseline=norm:batchnorm`` → ``("norm", "batchnorm")``; ``null`` → ``None``. A quoted
-    ``'baseline="norm=batchnorm"'`` reads the same (Hydra takes an unquoted ``=`` in a value for a second key).
+    ``'baseline="norm=batchnorm"'`` reads the same (Hydra reads an unquoted ``=`` as a second key).
 
     Raises:
         ValueError: naming ``baseline`` when the text is not ``factor:value``.
@@ -346,7 +346,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ``cfg.out_dir`` and prints its Markdown table.
 
     Args:
-        cfg: the ``report`` root config (from ``@hydra.main`` or ``cvarch.compose(..., config_name="report")``).
+        cfg: the ``report`` root config (from ``@hydra.main`` or
+            ``cvarch.compose(..., config_name="report")``).
     """
     summary = report(
         cfg.sweep_dir,

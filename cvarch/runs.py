@@ -31,8 +31,8 @@ class Job:
 
     Args:
         dir: the folder.
-        overrides: the command-line overrides of ``.hydra/overrides.yaml`` as ``{key: value}``, values as typed
-            (``{"norm": "none", "seed": "1"}``); ``{}`` without the file.
+        overrides: the command-line overrides of ``.hydra/overrides.yaml`` as ``{key: value}``, values as
+            typed (``{"norm": "none", "seed": "1"}``); ``{}`` without the file.
         metrics: ``metrics.json``, or ``None`` while the run is unfinished (or failed).
     """
 
@@ -56,8 +56,8 @@ class Job:
         return sorted((self.dir / "checkpoints").glob("*.ckpt"))
 
     def config(self) -> dict[str, Any] | None:
-        """The run's resolved config (``config.yaml``, saved by ``cvarch-train``), or ``None``. It is data: check
-        it with :func:`cvarch.config.check_received` before building anything from it."""
+        """The run's resolved config (``config.yaml``, saved by ``cvarch-train``), or ``None``. It is data:
+        check it with :func:`cvarch.config.check_received` before building anything from it."""
         path = self.dir / "config.yaml"
         return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
 
@@ -70,8 +70,8 @@ class Job:
         return dict(runtime.get("choices") or {})
 
     def best_checkpoint(self) -> Path:
-        """The best checkpoint (``metrics.json``'s ``best_ckpt``), else the last-named non-``last`` checkpoint,
-        else ``last.ckpt``.
+        """The best checkpoint (``metrics.json``'s ``best_ckpt``), else the last-named non-``last``
+        checkpoint, else ``last.ckpt``.
 
         Raises:
             FileNotFoundError: naming the folder when it holds no checkpoint.
@@ -108,8 +108,8 @@ def _job_order(path: Path) -> tuple[bool, int, str]:
 
 
 def list_jobs(folder: str | Path) -> list[Job]:
-    """The jobs of a run or sweep folder, finished or not: the folder itself when it is a run folder, else each
-    run folder directly inside it (a multirun's ``0/``, ``1/``, …, and any other, such as the transfer
+    """The jobs of a run or sweep folder, finished or not: the folder itself when it is a run folder, else
+    each run folder directly inside it (a multirun's ``0/``, ``1/``, …, and any other, such as the transfer
     quadrants' ``source/``), in job order.
 
     Raises:
@@ -128,9 +128,9 @@ def list_jobs(folder: str | Path) -> list[Job]:
 
 
 def find_jobs(root: str | Path) -> list[Job]:
-    """Every run folder under ``root``, at any depth (``logs/train/runs/<time>``, ``logs/train/multiruns/<time>/
-    <n>``), sorted by path. A run folder is not searched further, nor are hidden folders; a missing ``root``
-    has none."""
+    """Every run folder under ``root``, at any depth (``logs/train/runs/<time>``,
+    ``logs/train/multiruns/<time>/<n>``), sorted by path. A run folder is not searched further, nor are
+    hidden folders; a missing ``root`` has none."""
     found = []
     for current, subfolders, _ in os.walk(Path(root).expanduser()):
         if is_run_dir(current):

@@ -1,9 +1,9 @@
 """The ``tta`` group: test-time augmentation, the softmax averaged over several views of each test image.
 
-Every view is a ``crop``×``crop`` window, the network's training input size, of a canvas: the test image (resized
-first when ``sizes`` is given) zero-padded by the training crop's ``padding``, so the corner windows are the
-extreme crops training drew. Views are taken batched, on the input's device; uint8 stays uint8 unless it is
-resized. A plain class: it holds no parameters and adds nothing to the checkpoint.
+Every view is a ``crop``×``crop`` window, the network's training input size, of a canvas: the test image
+(resized first when ``sizes`` is given) zero-padded by the training crop's ``padding``, so the corner windows
+are the extreme crops training drew. Views are taken batched, on the input's device; uint8 stays uint8 unless
+it is resized. A plain class: it holds no parameters and adds nothing to the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,25 +19,25 @@ VIEWS_PER_SCALE = {"none": 1, "flip": 2, "ten_crop": 10}
 
 
 def _center_offset(length: int, crop: int) -> int:
-    # torchvision's center_crop anchor, Python's round included, so the views match its ten_crop pixel for pixel
+    # torchvision's center_crop anchor, Python's round included: the views match its ten_crop pixel-exact
     return int(round((length - crop) / 2.0))
 
 
 class TestTimeAugment:
-    """Averages the softmax over views of each test image: centre, flips, ten crops, optionally at several scales.
+    """Averages the softmax over views of each test image: centre, flips, ten crops, optionally multi-scale.
 
     Krizhevsky et al. 2012, "ImageNet Classification with Deep CNNs", §4.1 (ten crops); He et al. 2015, "Deep
-    Residual Learning", §3.4 (scores averaged over scales; the paper runs the net fully-convolutionally at each
-    scale, ten crops per scale stand in for that here).
+    Residual Learning", §3.4 (scores averaged over scales; the paper runs the net fully-convolutionally at
+    each scale, ten crops per scale stand in for that here).
 
     The views of one scale come in torchvision's ``ten_crop`` order: the windows of the canvas, then the same
     windows of the horizontally flipped canvas. ``ten_crop`` gives top-left, top-right, bottom-left,
-    bottom-right, centre, then those five of the flipped canvas; ``flip`` gives the centre, then the centre of the
-    flipped canvas. Scales come in the order of ``sizes``.
+    bottom-right, centre, then those five of the flipped canvas; ``flip`` gives the centre, then the centre of
+    the flipped canvas. Scales come in the order of ``sizes``.
 
     Args:
-        views: ``"none"`` (the centre view), ``"flip"`` (centre and its horizontal flip) or ``"ten_crop"`` (four
-            corners and centre, and their flips).
+        views: ``"none"`` (the centre view), ``"flip"`` (centre and its horizontal flip) or ``"ten_crop"``
+            (four corners and centre, and their flips).
         sizes: ``None`` takes the views of the image at its own size. Otherwise ResNet's multi-scale protocol:
             for each size the image is resized (bilinear, antialiased) so its shorter side is
             ``round(crop * size / train_size)``, i.e. sizes are the paper's shorter sides (224 … 640) for its
@@ -140,7 +140,7 @@ class TestTimeAugment:
                 yield canvas[..., top : top + crop, left : left + crop]
             if self.mode == "none":
                 continue
-            # window (top, left) of the flipped canvas = the flip of the mirrored window: no flipped canvas copy
+            # window (top, left) of the flipped canvas = the flip of the mirrored window: no flipped copy
             for top, left in anchors:
                 mirror = width - crop - left
                 yield canvas[..., top : top + crop, mirror : mirror + crop].flip(-1)
@@ -182,7 +182,7 @@ class TestTimeAugment:
         return self.crop if self.crop is not None else min(x.shape[-2:])
 
     def _check_fits(self, height: int, width: int, crop: int, padding: int, size: int | None = None) -> None:
-        """Raises unless the crop fits the (height, width) image padded by ``padding``; ``size``: its tta size."""
+        """Raises unless the crop fits the (height, width) image padded by ``padding``; ``size``: tta size."""
         if crop <= min(height, width) + 2 * padding:
             return
         if size is not None:
@@ -200,7 +200,7 @@ class TestTimeAugment:
         return round(crop * size / self.train_size)
 
     def _scales(self, x: torch.Tensor, crop: int) -> Iterator[tuple[int | None, torch.Tensor]]:
-        """Yields (size, image) per scale: (None, x) without ``sizes``, else float in [0, 1] resized per size."""
+        """Yields (size, image) per scale: (None, x) without ``sizes``, else x as float in [0, 1], resized."""
         if self.sizes is None:
             yield None, x
             return

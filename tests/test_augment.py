@@ -355,8 +355,8 @@ def test_beta_samples_have_the_moments_of_beta_alpha_alpha(alpha):
 
 
 def test_beta_samples_are_torch_distributions_draws_from_the_generator_alone():
-    """λ is ``torch.distributions.Beta``'s draw, from the run's generator: the global stream (dropout, init) is
-    left where it was, and the draw does not depend on it."""
+    """λ is ``torch.distributions.Beta``'s draw, from the run's generator: the global stream (dropout, init)
+    is left where it was, and the draw does not depend on it."""
     torch.manual_seed(1)
     reference = torch.distributions.Beta(torch.tensor(0.2), torch.tensor(0.2)).sample((8,))
     torch.manual_seed(0)

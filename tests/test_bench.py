@@ -1,5 +1,5 @@
-"""cvarch-bench (a developer tool): the harness runs end to end in its reduced mode and writes the documented JSON
-(not the speed)."""
+"""cvarch-bench (a developer tool): the harness runs end to end in its reduced mode and writes the documented
+JSON (not the speed)."""
 
 from __future__ import annotations
 
@@ -68,8 +68,15 @@ def test_the_cli_takes_key_value_overrides_and_composes_its_runs_inside_hydra(tm
     root = make_image_tree(tmp_path / "tree", per_class=12, size=32)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    overrides = ["quick=true", "only=[loader]", f"root={root}", "out=bench.json", f"workdir={tmp_path / 'work'}",
-                 f"cache_dir={tmp_path / 'cache'}", "device=cpu"]  # fmt: skip
+    overrides = [
+        "quick=true",
+        "only=[loader]",
+        f"root={root}",
+        "out=bench.json",
+        f"workdir={tmp_path / 'work'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "device=cpu",
+    ]
     result = run_cli("cvarch-bench", *overrides, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in cwd.iterdir()] == ["bench.json"]  # Hydra wrote nothing of its own

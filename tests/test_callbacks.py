@@ -1,5 +1,5 @@
-"""LearningCurves, ActivationStats, TestPredictions, DivergenceGuard: histories, figures, W&B, init-study numbers,
-the confusion matrix, divergence."""
+"""LearningCurves, ActivationStats, TestPredictions, DivergenceGuard: histories, figures, W&B, init-study
+numbers, the confusion matrix, divergence."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from tests.conftest import DEVICES, ROOT, malicious_checkpoint, report, tmp_over
 
 
 class LossTrace(pl.Callback):
-    """Appends ``<global step> <loss>`` per training step to ``path``, flushed at once (a SIGKILL keeps it)."""
+    """Appends ``<global step> <loss>`` per training step to ``path``, flushed at once for SIGKILL."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -35,7 +35,7 @@ class LossTrace(pl.Callback):
 
 
 class KillAt(pl.Callback):
-    """SIGKILLs its own process after optimizer step ``step``: no handler, no cleanup, as the OOM killer does."""
+    """SIGKILLs its own process after optimizer step ``step``: no handler, no cleanup, as the OOM killer."""
 
     def __init__(self, step: int) -> None:
         self.step = step
@@ -75,8 +75,12 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_a_run_never_st
     proc = train_process(*common, f"hydra.run.dir={straight}", trace_of(straight))
     assert proc.returncode == 0, proc.stderr[-3000:]
     kill_step = 2 * steps_per_epoch + 3  # in the third epoch, after 2 epochs were checkpointed
-    proc = train_process(*common, f"hydra.run.dir={killed}", trace_of(killed),
-                         f"+callbacks.kill={{_target_: tests.test_checkpoint.KillAt, step: {kill_step}}}")  # fmt: skip
+    proc = train_process(
+        *common,
+        f"hydra.run.dir={killed}",
+        trace_of(killed),
+        f"+callbacks.kill={{_target_: tests.test_checkpoint.KillAt, step: {kill_step}}}",
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (killed / "metrics.json").exists()
     before_kill = trace(killed / "trace.txt")
@@ -106,7 +110,8 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical_to_a_run_never_st
     assert torch.equal(a["augment_rng_state"], b["augment_rng_state"])
     assert torch.equal(a["rng_state"]["torch"], b["rng_state"]["torch"])
     report(
-        f"exact resume: SIGKILL at step {kill_step} of {4 * steps_per_epoch}, resumed from epoch 2's last.ckpt:"
+        f"exact resume: SIGKILL at step {kill_step} of {4 * steps_per_epoch}, "
+        "resumed from epoch 2's last.ckpt:"
         f" {len(full)} per-step losses and {len(a['state_dict'])} state tensors bit-identical"
     )
 
@@ -183,12 +188,15 @@ class ScalerProbe(pl.Callback):
 
 
 AMP = {  # 16-bit mixed precision with a loss scaler: on CUDA Lightning's own; on the CPU (where Lightning has
-    # none) torch's CPU GradScaler given to Lightning's MixedPrecision plugin, which checkpoints it the same way
-    "cpu": ["~trainer.precision", "trainer.plugins=[{_target_: cvarch.checkpoint.AtomicCheckpointIO}, "
-            "{_target_: pytorch_lightning.plugins.precision.MixedPrecision, precision: 16-mixed, device: cpu, "
-            "scaler: {_target_: torch.amp.GradScaler, device: cpu}}]"],
+    # none) torch's CPU GradScaler given to Lightning's MixedPrecision plugin, which checkpoints it alike
+    "cpu": [
+        "~trainer.precision",
+        "trainer.plugins=[{_target_: cvarch.checkpoint.AtomicCheckpointIO}, "
+        "{_target_: pytorch_lightning.plugins.precision.MixedPrecision, precision: 16-mixed, device: cpu, "
+        "scaler: {_target_: torch.amp.GradScaler, device: cpu}}]",
+    ],
     "cuda": ["trainer=gpu", "trainer.precision=16-mixed"],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -293,6 +301,9 @@ def test_a_checkpoint_trained_for_other_classes_is_refused_before_training(
 def test_a_checkpoint_of_another_architecture_names_the_layers(one_epoch_run, compose_tmp):
     _, run, _ = one_epoch_run
     cfg = compose_tmp(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "model=resnet32", "logger=none")
-    with pytest.raises(ValueError, match=r"does not fit this run's model \(\d+ layers differ: "
-                       r"model.layer1.3.conv1 missing from the checkpoint; model.layer1.3.bn1 missing"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this run's model \(\d+ layers differ: "
+        r"model.layer1.3.conv1 missing from the checkpoint; model.layer1.3.bn1 missing",
+    ):
         cvarch.train(cfg)

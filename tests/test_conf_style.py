@@ -1,4 +1,4 @@
-"""House style of conf/: every key carries a trailing comment (unit, paper default), as airbench's dict does."""
+"""House style of conf/: every key carries a trailing comment (unit, paper default), as in airbench."""
 
 from __future__ import annotations
 

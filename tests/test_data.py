@@ -255,7 +255,7 @@ def test_cifar_without_archive_or_network_names_the_root(tmp_path):
         dm.prepare_data()
 
 
-# --- transfer learning: train_per_class, data.classes, RGB digits, the 2×2 data options ----------------------
+# --- transfer learning: train_per_class, data.classes, RGB digits, the 2×2 data options ---------------------
 
 
 def test_train_per_class_keeps_exactly_n_per_class_and_leaves_val_test_alone():

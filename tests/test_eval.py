@@ -20,10 +20,14 @@ def eval_cfg(*overrides: str):
 def test_eval_reproduces_the_test_and_val_accuracy_training_reported(default_run, tmp_path):
     trained = json.loads((default_run["output_dir"] / "metrics.json").read_text())
     # the console script once (its last line is the run directory), then in-process
-    proc = run_cli("cvarch-eval", f"ckpt_path={trained['best_ckpt']}", "split=test", f"paths.log_dir={tmp_path}")
+    proc = run_cli(
+        "cvarch-eval", f"ckpt_path={trained['best_ckpt']}", "split=test", f"paths.log_dir={tmp_path}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     by_cli = json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "metrics.json").read_text())
-    by_call = evaluate(eval_cfg(f"ckpt_path={trained['best_ckpt']}", "split=val", f"paths.log_dir={tmp_path}"))
+    by_call = evaluate(
+        eval_cfg(f"ckpt_path={trained['best_ckpt']}", "split=val", f"paths.log_dir={tmp_path}")
+    )
     for split, metrics in (("test", by_cli), ("val", by_call)):
         assert metrics[f"{split}/acc"] == pytest.approx(trained[f"{split}/acc"], abs=1e-6)
         assert metrics[f"{split}/acc_top5"] == pytest.approx(trained[f"{split}/acc_top5"], abs=1e-6)

@@ -1,5 +1,5 @@
-"""What importing cvarch costs, and which way its modules point (STYLE.md "Layers point one way"): a model file
-imports torch and nothing of Lightning, Hydra or plotting, and no module imports a CLI module."""
+"""What importing cvarch costs, and which way its modules point (STYLE.md "Layers point one way"): a model
+file imports torch and nothing of Lightning, Hydra or plotting, and no module imports a CLI module."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "cvarch"
-# what a model must not cost its importer: a training framework, a config system, plotting, a data-science stack
+# what a model must not cost its importer: a training framework, a config system, plotting, a data stack
 HEAVY = (
     "pytorch_lightning",
     "lightning",
@@ -25,7 +25,7 @@ HEAVY = (
 
 
 def test_importing_cvarch_and_its_models_loads_no_framework():
-    """One fresh interpreter (import state is per process): each import is checked before the next widens it."""
+    """One fresh interpreter (import state is per process); each import is checked before the next one."""
     script = f"""
 import importlib, json, pkgutil, sys
 loaded = {{}}
@@ -97,8 +97,8 @@ def cli_modules() -> set[str]:
 
 def test_no_module_imports_a_cli_module():
     clis = cli_modules()
-    assert {"cvarch.train", "cvarch.eval", "cvarch.profile", "cvarch.compare", "cvarch.report", "cvarch.bench",
-            "cvarch.quadrants", "cvarch.ensemble"} <= clis  # fmt: skip
+    assert {"cvarch.train", "cvarch.eval", "cvarch.profile", "cvarch.compare", "cvarch.report",
+            "cvarch.bench", "cvarch.quadrants", "cvarch.ensemble"} <= clis  # fmt: skip
     offenders = {
         module_name(path): sorted(imported_modules(path) & clis)
         for path in PACKAGE.rglob("*.py")

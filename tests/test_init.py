@@ -1,5 +1,5 @@
-"""cvarch/init.py: each scheme's class against its YAML, its weight statistics against its formula, and the lecture's
-activation study."""
+"""cvarch/init.py: each scheme's class against its YAML, its weight statistics against its formula, and the
+lecture's activation study."""
 
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def test_biases_zero_and_norms_identity_after_every_scheme(scheme):
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_builds_its_scheme_class_with_every_argument_a_key(option):
-    """``init=<option>`` is one ``_target_``: the class ``apply_init`` knows by that name, each of whose arguments
-    is a key of the YAML (so ``init.<key>=…`` reaches it), and the same draws as ``apply_init(model, option)``."""
+    """``init=<option>`` is one ``_target_``: the class ``apply_init`` knows by that name, each of whose
+    arguments is a key of the YAML (so ``init.<key>=…`` reaches it), and the same draws as
+    ``apply_init(model, option)``."""
     node = OmegaConf.load(Path(CONFIG_DIR) / "init" / f"{option}.yaml")
     cls = SCHEMES[option]
     assert node._target_ == f"cvarch.init.{cls.__name__}" and cls.name == option
@@ -75,8 +76,8 @@ def test_each_option_builds_its_scheme_class_with_every_argument_a_key(option):
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_the_init_node_of_older_run_configs_still_builds_the_same_scheme(option):
-    """Run configs saved before one class per scheme hold ``{_target_: cvarch.init.apply_init, _partial_: true,
-    scheme: <option>, <options>}``; built, that node still applies the scheme its YAML now builds."""
+    """Run configs saved before one class per scheme hold ``{_target_: cvarch.init.apply_init, _partial_:
+    true, scheme: <option>, <options>}``; built, that node still applies the scheme its YAML now builds."""
     node = OmegaConf.load(Path(CONFIG_DIR) / "init" / f"{option}.yaml")
     old = {"_target_": "cvarch.init.apply_init", "_partial_": True, "scheme": option}
     old.update({key: value for key, value in node.items() if key != "_target_"})

@@ -1,6 +1,6 @@
-"""Packaging: the configs ship inside the package (``cvarch.conf``), Hydra's search-path plugin gives them to any
-app, installed plugins add options, and the sweep plugins are an extra. The slow tests build the wheel and run its
-console scripts from a fresh venv outside the repository; the others check the same search path in-process."""
+"""Packaging: the configs ship inside the package (``cvarch.conf``), Hydra's search-path plugin gives them to
+any app, installed plugins add options, and the sweep plugins are an extra. The slow tests build the wheel and
+run its console scripts from a fresh venv outside the repo; the others check that search path in-process."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ EXAMPLE_PLUGIN = ROOT / "examples" / "cvarch-example-plugin"
 SWEEP_PLUGINS = ("hydra_joblib_launcher", "hydra_optuna_sweeper", "hydra_submitit_launcher")
 
 
-# --- the dev install, in-process ----------------------------------------------------------------------------------
+# --- the dev install, in-process ----------------------------------------------------------------------------
 
 
 def _sources() -> list[tuple[str, str]]:
@@ -69,8 +69,8 @@ def test_cvarch_apps_read_their_configs_from_the_package_once():
 
 @pytest.fixture
 def fake_plugin(tmp_path, monkeypatch):
-    """An installed distribution ``fake-plugin`` on sys.path: entry points ``fake = fake_plugin`` and one broken
-    value, the package ``fake_plugin`` with ``conf/model/fake_net.yaml``."""
+    """An installed distribution ``fake-plugin`` on sys.path: entry points ``fake = fake_plugin`` and one
+    broken value, the package ``fake_plugin`` with ``conf/model/fake_net.yaml``."""
     dist = tmp_path / "fake_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 0.1\n")
@@ -123,14 +123,14 @@ def test_cvarch_plugins_imports_only_the_standard_library():
     assert {name.split(".")[0] for name in imported} <= set(sys.stdlib_module_names) | {"__future__"}
 
 
-# --- the wheel, in a fresh venv outside the repository --------------------------------------------------------------
+# --- the wheel, in a fresh venv outside the repository ------------------------------------------------------
 
 # not copied into the build folder: git metadata, the venv, run outputs, data and caches
 NOT_SOURCES = {".git", ".venv", "build", "dist", "logs", "data", ".cache", "wandb", "outputs", "multirun"}
 
 
 def _build_wheel(source: Path, tmp: Path) -> Path:
-    """Builds ``source``'s wheel from a copy in ``tmp`` (an in-tree build would write build/ in the repository)."""
+    """Builds ``source``'s wheel from a copy in ``tmp`` (an in-tree build would write build/ in the repo)."""
     copy = tmp / f"{source.name}-src"
     shutil.copytree(
         source,
@@ -141,7 +141,8 @@ def _build_wheel(source: Path, tmp: Path) -> Path:
             if n == "__pycache__" or n.endswith(".egg-info") or (Path(d) == source and n in NOT_SOURCES)
         ],
     )
-    try:  # the dev venv's setuptools builds it if it is new enough (pyproject.toml: setuptools>=77), else pip's own
+    # the dev venv's setuptools builds it if new enough (pyproject.toml: setuptools>=77), else pip's own
+    try:
         isolation = [] if int(version("setuptools").split(".")[0]) < 77 else ["--no-build-isolation"]
     except PackageNotFoundError:
         isolation = []
@@ -153,9 +154,9 @@ def _build_wheel(source: Path, tmp: Path) -> Path:
 
 
 def _base_packages(tmp: Path) -> Path:
-    """A folder of symlinks to the dev venv's installed packages, except cvarch itself (its dist-info and editable
-    finder), the .pth files and the sweep extra's Hydra plugins: what a core ``pip install cvarch`` gives, without
-    downloading torch again."""
+    """A folder of symlinks to the dev venv's installed packages, except cvarch itself (its dist-info and
+    editable finder), the .pth files and the sweep extra's Hydra plugins: what a core ``pip install cvarch``
+    gives, without downloading torch again."""
     site = Path(sysconfig.get_paths()["purelib"])
     base = tmp / "base"
     base.mkdir()
@@ -168,8 +169,8 @@ def _base_packages(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
-    """cvarch's wheel installed with pip's dependency resolution into a fresh venv outside the repository, on the
-    dev venv's packages as a read-only base (outside the venv's prefix, so pip never uninstalls from it)."""
+    """cvarch's wheel installed with pip's dependency resolution into a fresh venv outside the repository, on
+    the dev venv's packages as a read-only base (outside the venv's prefix: pip never uninstalls from it)."""
     start = time.perf_counter()
     tmp = tmp_path_factory.mktemp("wheel")
     wheel = _build_wheel(ROOT, tmp)
@@ -246,7 +247,8 @@ def test_pip_resolves_the_wheels_dependencies_from_the_base_and_installs_only_cv
     proc = wheel_venv.run(
         wheel_venv.python,
         "-c",
-        "import json, cvarch, cvarch.conf, hydra_plugins.cvarch_searchpath as p; from cvarch.config import CONFIG_DIR;"
+        "import json, cvarch, cvarch.conf, hydra_plugins.cvarch_searchpath as p; "
+        "from cvarch.config import CONFIG_DIR;"
         "cfg = cvarch.compose('model=resnet20');"
         "print(json.dumps([cvarch.__file__, CONFIG_DIR, p.__file__, cfg.model._target_]))",
     )
@@ -312,8 +314,8 @@ def test_a_users_own_hydra_app_composes_cvarch_models_beside_its_own_groups(whee
         def main(cfg):
             model = instantiate(model_parts(cfg.model)[0])
             sources = [(s.provider, s.path) for s in HydraConfig.get().runtime.config_sources]
-            print(json.dumps({"params": sum(p.numel() for p in model.parameters()), "lights": cfg.scene.lights,
-                              "out": model.fc.out_features, "sources": sources}))
+            print(json.dumps({"params": sum(p.numel() for p in model.parameters()),
+                              "lights": cfg.scene.lights, "out": model.fc.out_features, "sources": sources}))
 
 
         main()

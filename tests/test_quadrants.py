@@ -1,4 +1,4 @@
-"""cvarch.quadrants: the lecture's transfer-learning 2×2, measured from a sweep folder, and its Hydra callback.
+"""cvarch.quadrants: the lecture's transfer-learning 2×2, measured from a sweep folder; its Hydra callback.
 
 Every test builds a fake sweep the way Hydra writes one: ``<sweep>/<job>/.hydra/overrides.yaml`` and
 ``<sweep>/<job>/metrics.json``, plus the source run in ``<sweep>/source``.
@@ -198,8 +198,10 @@ def test_markdown_lays_out_the_2x2_with_best_and_lecture_marked(sweep):
     assert "mean ± std over 1/2/3 seeds" in text
     verdicts = [line for line in lines if line.startswith("- ")]
     assert verdicts == [
-        "- very little data, very similar dataset: best `linear_probe`; the lecture says `linear_probe` (agrees).",
-        "- very little data, very different dataset: best `scratch`; the lecture says `stage_probes` (disagrees).",
+        "- very little data, very similar dataset: best `linear_probe`; the lecture says `linear_probe` "
+        "(agrees).",
+        "- very little data, very different dataset: best `scratch`; the lecture says `stage_probes` "
+        "(disagrees).",
         "- quite a lot of data, very similar dataset: best `finetune_top`; the lecture says `finetune_top` "
         "(agrees).",
         "- unfinished jobs (no metrics.json): 11",
@@ -346,7 +348,8 @@ def test_on_multirun_end_logs_the_table_to_an_offline_wandb_run(sweep, tmp_path,
     runs = list((sweep / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     log = next(runs[0].glob("run-*.wandb"))
-    # the Table's history item, its nested keys flattened by the reader: transfer_quadrants/{_type,path,nrows,…}
+    # the Table's history item, its nested keys flattened by the reader:
+    # transfer_quadrants/{_type,path,nrows,…}
     rows = [r for r in wandb_log.history(log) if "transfer_quadrants/_type" in r]
     assert len(rows) == 1 and rows[0]["transfer_quadrants/_type"] == "table-file"
     assert rows[0]["transfer_quadrants/nrows"] == 6  # 2 + 2 + 2 strategies in the three finished cells

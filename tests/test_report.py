@@ -1,4 +1,4 @@
-"""cvarch-report: swept factors, group means and counts, paired differences, failed jobs, on real sweeps too."""
+"""cvarch-report: swept factors, group means and counts, paired differences, failed jobs, real sweeps."""
 
 from __future__ import annotations
 

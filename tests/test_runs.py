@@ -1,4 +1,4 @@
-"""cvarch.runs: the one reader of run and sweep folders, on folders laid out as Hydra and cvarch-train write them."""
+"""cvarch.runs: the one reader of run and sweep folders, on folders laid out as cvarch-train writes them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cvarch.runs import find_jobs, is_run_dir, list_jobs, read_job
 
 
 def write_job(folder: Path, overrides: list[str] | None = None, metrics: dict | None = None) -> Path:
-    """A run folder: ``.hydra/overrides.yaml`` when ``overrides`` is given, ``metrics.json`` when ``metrics`` is."""
+    """A run folder with ``.hydra/overrides.yaml`` given ``overrides``, ``metrics.json`` given ``metrics``."""
     folder.mkdir(parents=True)
     if overrides is not None:
         (folder / ".hydra").mkdir()

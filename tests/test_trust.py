@@ -1,7 +1,8 @@
 """The trust boundary (cvarch/config.py's ``check_received`` and its callers in checkpoint, eval, ensemble and
-transfer): what the user runs is trusted; what they received (a checkpoint's config, a run folder's config.yaml,
-a transfer source, an ensemble member) builds only cvarch's own targets and the ``trust`` packages'. Also a
-researcher's own models, from the command line, their own config dir, or a plain ``torch.nn`` module."""
+transfer): what the user runs is trusted; what they received (a checkpoint's config, a run folder's
+config.yaml, a transfer source, an ensemble member) builds only cvarch's own targets and the ``trust``
+packages'. Also a researcher's own models, from the command line, their own config dir, or a plain
+``torch.nn`` module."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def clean_run(tmp_path_factory):
     return tmp / "run", metrics
 
 
-# --- the payloads: each runs code (or would) if cvarch built it ------------------------------------------------
+# --- the payloads: each runs code (or would) if cvarch built it ---------------------------------------------
 def _pycodecache(tmp: Path, marker: Path) -> dict:
     return {
         "_target_": "torch._inductor.codecache.PyCodeCache.load",
@@ -220,8 +221,14 @@ def test_the_packaged_targets_are_exact_names_with_no_code_loader():
     targets = packaged_targets()
     assert {"cvarch.models.resnet.ResNet", "torch.optim.SGD", "pytorch_lightning.Trainer"} <= targets
     assert len(targets) > 50
-    for loader in ("torch.load", "torch.hub.load", "torch.jit.load", "torch.utils.cpp_extension.load_inline",
-                   "torch._inductor.codecache.PyCodeCache.load", "torch.package.PackageImporter"):  # fmt: skip
+    for loader in (
+        "torch.load",
+        "torch.hub.load",
+        "torch.jit.load",
+        "torch.utils.cpp_extension.load_inline",
+        "torch._inductor.codecache.PyCodeCache.load",
+        "torch.package.PackageImporter",
+    ):
         assert loader not in targets
     assert not any(t.startswith("lightning.") for t in targets)
 
@@ -246,7 +253,7 @@ def test_a_trust_key_inside_the_received_config_is_ignored():
     check_received({"model": {"_target_": "json.dumps"}}, "ckpt_path: x", ["json"])
 
 
-# --- a researcher's own models ----------------------------------------------------------------------------------
+# --- a researcher's own models ------------------------------------------------------------------------------
 MYLAB = '''
     import torch
     from torch import nn
@@ -362,7 +369,7 @@ def test_a_plain_module_whose_head_misses_the_dataset_is_named(mylab, compose_tm
 
 
 def test_a_checkpoint_config_of_the_previous_init_shape_is_still_received():
-    # before one class per scheme, every init node built cvarch.init.apply_init; saved run configs still hold it
+    # before one class per scheme, every init node built cvarch.init.apply_init; old run configs still hold it
     old = {"init": {"_target_": "cvarch.init.apply_init", "_partial_": True, "scheme": "kaiming"}}
     check_received(old, "ckpt_path: old.ckpt")
     with pytest.raises(ConfigError, match=r"init\._target_"):

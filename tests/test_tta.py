@@ -1,4 +1,4 @@
-"""Test-time augmentation: views equal torchvision's, padding shifts the corners, chunking never changes results."""
+"""Test-time augmentation: views equal torchvision's, padding shifts the corners, chunking changes nothing."""
 
 from __future__ import annotations
 

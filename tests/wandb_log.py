@@ -22,9 +22,9 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 def records(path: str | Path, wait: float = 60.0) -> list[pb.Record]:
     """Every protobuf Record in a ``.wandb`` file, in order.
 
-    ``run.finish()`` can return before W&B's service process has flushed the log's tail to disk (seen on a loaded
-    2-core machine: the history record missing), so this re-reads the file until its ``exit`` record is there,
-    for at most ``wait`` seconds, and then returns what it has.
+    ``run.finish()`` can return before W&B's service process has flushed the log's tail to disk (seen on a
+    loaded 2-core machine: the history record missing), so this re-reads the file until its ``exit`` record is
+    there, for at most ``wait`` seconds, and then returns what it has.
     """
     deadline = time.monotonic() + wait
     while True:

@@ -5,10 +5,10 @@ the job of the ``preprocess`` group (fitted on the training split and saved in t
 training-time transforms are the job of the ``augment`` group, which the LightningModule runs batched on the
 device (so the data path only indexes tensors).
 
-The fast CIFAR-10 trainers (Page 2018, Keller Jordan's airbench 2024) keep the whole dataset on the GPU as uint8
-and gather each batch by index; so does :class:`BatchLoader`: the splits go to the accelerator when they fit
-(``on_device``), otherwise batches are gathered into page-locked host memory for an asynchronous copy, and no
-DataLoader worker is involved. Image folders too big for memory take the streaming path instead
+The fast CIFAR-10 trainers (Page 2018, Keller Jordan's airbench 2024) keep the whole dataset on the GPU as
+uint8 and gather each batch by index; so does :class:`BatchLoader`: the splits go to the accelerator when they
+fit (``on_device``), otherwise batches are gathered into page-locked host memory for an asynchronous copy, and
+no DataLoader worker is involved. Image folders too big for memory take the streaming path instead
 (``ImageFolderDataModule(stream=...)``): files decoded per batch by DataLoader worker processes.
 
 One concern per module:

@@ -1,4 +1,4 @@
-"""The disk cache: decoded splits saved once per source fingerprint, loaded through the one checkpoint loader."""
+"""The disk cache: decoded splits saved once per source fingerprint, read by the one checkpoint loader."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def cached_splits(
     """The splits and class names of ``kind``'s data with fingerprint ``key``: from the cache file if there is
     one, else from ``load``, then saved for the next start.
 
-    The file is read with ``weights_only=True`` (:func:`cvarch.checkpoint.load_checkpoint_file`): a cache folder
-    can be shared, and what it holds is data, not code.
+    The file is read with ``weights_only=True`` (:func:`cvarch.checkpoint.load_checkpoint_file`): a cache
+    folder can be shared, and what it holds is data, not code.
 
     Args:
         cache_dir: folder of the cache files.

@@ -1,4 +1,4 @@
-"""Decoding: image files to uint8 (C, H, W) tensors, one at a time or a whole list in threads, resized once."""
+"""Decoding: image files to uint8 (C, H, W) tensors, one at a time or a list in threads, resized once."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ class DigitsDataModule(ImageDataModule):
     Args:
         val_fraction: stratified share of all images used for validation.
         test_fraction: stratified share of all images used for testing.
-        **kwargs: see :class:`ImageDataModule`; ``channels`` is 1 (grey) or 3 (the grey digit in three identical
-            channels, so a network trained on RGB images takes digits).
+        **kwargs: see :class:`ImageDataModule`; ``channels`` is 1 (grey) or 3 (the grey digit in three
+            identical channels, so a network trained on RGB images takes digits).
     """
 
     def __init__(self, val_fraction: float = 0.15, test_fraction: float = 0.15, **kwargs) -> None:

@@ -1,4 +1,4 @@
-"""The ``data=imagefolder`` dataset: a ``root/{train,val,test}/<class>/<image>`` tree, in memory or streamed."""
+"""The ``data=imagefolder`` dataset: a ``root/{train,val,test}/<class>/<image>`` tree, held or streamed."""
 
 from __future__ import annotations
 
@@ -86,8 +86,8 @@ class ImageFolderDataModule(ImageDataModule):
                 raise ValueError(f"data.classes lists {repeated} more than once")
             if len(self.classes) != self.num_classes:
                 raise ValueError(
-                    f"data.num_classes={self.num_classes} but data.classes lists {len(self.classes)} classes: "
-                    f"{self.classes}"
+                    f"data.num_classes={self.num_classes} but data.classes lists "
+                    f"{len(self.classes)} classes: {self.classes}"
                 )
         self._files = {
             name: scan_split(self.root / name, self.classes, self._folders, self.max_per_class)

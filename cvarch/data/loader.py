@@ -1,7 +1,7 @@
 """The batch loader of in-memory splits: each batch one gather by index, with no DataLoader worker involved.
 
-The fast CIFAR-10 trainers (Page 2018, Keller Jordan's airbench 2024) keep the whole dataset on the GPU as uint8
-and gather each batch by index; so does :class:`BatchLoader`.
+The fast CIFAR-10 trainers (Page 2018, Keller Jordan's airbench 2024) keep the whole dataset on the GPU as
+uint8 and gather each batch by index; so does :class:`BatchLoader`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from cvarch.data.splits import Split
 class BatchLoader:
     """The batches of an in-memory split, each one gather by index: no worker processes, no per-image collate.
 
-    The order is the ``sampler``'s (Lightning calls its ``set_epoch`` at every epoch, which reshuffles by a new
-    index permutation), or the split's order without one. Batches are gathered on the device the split lives
-    on; with ``pin`` (host data, GPU trainer) they are gathered straight into page-locked memory, so Lightning's
-    copy to the GPU is asynchronous.
+    The order is the ``sampler``'s (Lightning calls its ``set_epoch`` at every epoch, which reshuffles by a
+    new index permutation), or the split's order without one. Batches are gathered on the device the split
+    lives on; with ``pin`` (host data, GPU trainer) they are gathered straight into page-locked memory, so
+    Lightning's copy to the GPU is asynchronous.
 
     Args:
         split: the images and targets, on the host or on the accelerator.

@@ -1,4 +1,4 @@
-"""Splits: a dataset's images and labels in memory (or as files), and the seeded draws that carve and subsample them.
+"""Splits: images and labels in memory or as files, and the seeded draws that carve and subsample them.
 
 Every draw is seeded by ``data.split_seed`` alone, so all runs of a sweep share one split.
 """
@@ -56,8 +56,8 @@ class FileSplit:
 
 def stratified_split(targets: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(keep, held_out)`` with ``held_out`` a stratified ``fraction`` of ``targets``."""
-    # imported here, not at the top: scikit-learn costs a quarter of a second at every start that splits nothing
-    # (a cache hit); its split itself is kept, since another one would change every recorded split
+    # imported here, not at the top: scikit-learn costs a quarter of a second at every start that splits
+    # nothing (a cache hit); its split itself is kept, since another one would change every recorded split
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(targets))
@@ -87,9 +87,9 @@ def carve(
 def per_class_subset(targets: torch.Tensor, per_class: int, seed: int) -> np.ndarray:
     """Sorted indices of ``per_class`` images of every label in ``targets``, drawn without replacement.
 
-    Each label gets its own permutation seeded by ``(seed, label)`` and keeps its first ``per_class`` entries, so
-    a smaller ``per_class`` picks a subset of a larger one (the "little data" images are among the "more data"
-    ones) and one label's draw does not depend on the others.
+    Each label gets its own permutation seeded by ``(seed, label)`` and keeps its first ``per_class`` entries,
+    so a smaller ``per_class`` picks a subset of a larger one (the "little data" images are among the "more
+    data" ones) and one label's draw does not depend on the others.
 
     Args:
         targets: int64 labels (N,).

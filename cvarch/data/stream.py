@@ -73,8 +73,8 @@ def stream_loader(
 
 
 def fit_sample(split: FileSplit, channels: int, size: int | None, seed: int) -> torch.Tensor:
-    """The uint8 images the statistics of a streamed training split are fitted on: ``STREAM_FIT_IMAGES`` of them
-    (all, if it has fewer), drawn with ``seed`` and decoded in file order."""
+    """The uint8 images the statistics of a streamed training split are fitted on: ``STREAM_FIT_IMAGES`` of
+    them (all, if it has fewer), drawn with ``seed`` and decoded in file order."""
     count = min(STREAM_FIT_IMAGES, len(split))
     index = np.random.default_rng(seed).choice(len(split), count, replace=False)
     return decode_files([(split.files[i], 0) for i in np.sort(index)], channels, size).images

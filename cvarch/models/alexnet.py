@@ -1,10 +1,11 @@
 """AlexNet family: Krizhevsky et al. 2012, "ImageNet Classification with Deep Convolutional Neural Networks".
 
-One :class:`AlexNet` whose layer stack is data: the lecture's single-tower AlexNet (``conf/model/alexnet.yaml``),
-torchvision's variant (``alexnet_tv.yaml``) and Zeiler & Fergus 2013's ZFNet (``zfnet.yaml``, arXiv:1311.2901)
-are three lists of convolutions, max-pools and norm slots. Attribute names follow torchvision's ``alexnet.py``
-(``features``, ``avgpool``, ``classifier``) so its ``state_dict`` loads with ``strict=True``. Its stages end at the
-max-pools; its classifier is FC8 (see :mod:`cvarch.models.layers` for the structure every model declares).
+One :class:`AlexNet` whose layer stack is data: the lecture's single-tower AlexNet
+(``conf/model/alexnet.yaml``), torchvision's variant (``alexnet_tv.yaml``) and Zeiler & Fergus 2013's ZFNet
+(``zfnet.yaml``, arXiv:1311.2901) are three lists of convolutions, max-pools and norm slots. Attribute names
+follow torchvision's ``alexnet.py`` (``features``, ``avgpool``, ``classifier``) so its ``state_dict`` loads
+with ``strict=True``. Its stages end at the max-pools; its classifier is FC8 (see :mod:`cvarch.models.layers`
+for the structure every model declares).
 """
 
 from __future__ import annotations
@@ -22,24 +23,24 @@ from cvarch.norm import NormFactory, get_norm_layer
 class AlexNet(nn.Module):
     """AlexNet-style conv stack + three fully connected layers (Krizhevsky 2012 §3.5, Fig. 2; ZFNet Fig. 3).
 
-    ``features`` lists the layers of ``self.features`` in order: ``[out_channels, kernel, stride, padding]`` is a
-    convolution followed by the activation, ``"M"`` a 3×3 stride-2 max-pool (overlapping pooling, §3.4), ``"N"`` a
-    norm slot, which holds no module at all when the norm is ``none`` (so torchvision's indices hold).
-    ``classifier`` lists the hidden layers: an integer is a Linear of that width followed by the activation,
-    ``"D"`` a dropout; the last Linear, to ``num_classes``, is appended.
+    ``features`` lists the layers of ``self.features`` in order: ``[out_channels, kernel, stride, padding]``
+    is a convolution followed by the activation, ``"M"`` a 3×3 stride-2 max-pool (overlapping pooling, §3.4),
+    ``"N"`` a norm slot, which holds no module at all when the norm is ``none`` (so torchvision's indices
+    hold). ``classifier`` lists the hidden layers: an integer is a Linear of that width followed by the
+    activation, ``"D"`` a dropout; the last Linear, to ``num_classes``, is appended.
 
     Args:
         features: the conv stack, e.g. ``[[96, 11, 4, 0], M, N, [256, 5, 1, 2], M, N, ...]``.
-        classifier: hidden fully connected layers and dropouts: ``[4096, D, 4096, D]`` drops the outputs of FC6
-            and FC7 as §4.2 does; torchvision's ``[D, 4096, D, 4096]`` drops their inputs.
-        pool_size: side of an adaptive average pool before the classifier (torchvision: 6), or ``None`` for none.
-        image_size: input side the classifier is sized for when ``pool_size`` is ``None`` (lecture: 227, so FC6
-            takes exactly 6·6·256 inputs); ignored with adaptive pooling, which accepts any large enough input.
+        classifier: hidden fully connected layers and dropouts: ``[4096, D, 4096, D]`` drops the outputs of
+            FC6 and FC7 as §4.2 does; torchvision's ``[D, 4096, D, 4096]`` drops their inputs.
+        pool_size: side of an adaptive average pool before the classifier (torchvision: 6), or ``None``.
+        image_size: input side the classifier is sized for when ``pool_size`` is ``None`` (lecture: 227, so
+            FC6 takes exactly 6·6·256 inputs); ignored with adaptive pooling, which takes any large input.
         ceil_mode: round pooled sizes up, as Caffe does (ZFNet Fig. 3: 110 → 55, 26 → 13).
         weight_std: std of the zero-mean normal init of every weight (§5: 0.01), or ``None`` for PyTorch's
             default init, which torchvision's AlexNet keeps.
-        bias_init: constant init of each weighted layer's bias, convs then Linears (§5: 1 in conv2, conv4, conv5
-            and the hidden FCs, 0 elsewhere), or ``None`` to keep the default.
+        bias_init: constant init of each weighted layer's bias, convs then Linears (§5: 1 in conv2, conv4,
+            conv5 and the hidden FCs, 0 elsewhere), or ``None`` to keep the default.
         num_classes: outputs of the last Linear (FC8).
         in_channels: input image channels.
         norm_layer: norm name or ``norm(num_channels)`` factory filling the ``"N"`` slots (paper: LRN, §3.3).

@@ -66,7 +66,7 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.ModuleDict):
-    """Dense block: layer ℓ sees the concatenation [x_0, …, x_{ℓ−1}] of all earlier outputs (Huang 2017 eq. 2).
+    """Dense block: layer ℓ sees the concatenation [x_0, …, x_{ℓ−1}] of all earlier outputs (Huang 2017 (2)).
 
     A ``ModuleDict`` of ``denselayer1``… as torchvision's ``_DenseBlock``.
 
@@ -139,7 +139,7 @@ class DenseNet(nn.Module):
         in_channels: input image channels.
         norm_layer: norm name or ``norm(num_channels)`` factory (the ``norm`` group).
         act_layer: activation name or factory (paper: ReLU).
-        dropout: drop probability after every conv but the stem (§4.2: 0.2 without augmentation; torchvision: 0).
+        dropout: drop probability after every conv but the stem (§4.2: 0.2 without augmentation; tv: 0).
     """
 
     def __init__(
@@ -229,7 +229,7 @@ class DenseNet(nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    """torchvision's init ("official init from torch repo"): He normal fan_in convs, γ=1, β=0, zero fc bias."""
+    """torchvision's init ("official init from torch repo"): He normal fan_in convs, γ=1, β=0, fc bias 0."""
     if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight)
     elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):

@@ -1,17 +1,17 @@
-"""FractalNet: Larsson et al. 2017, "FractalNet: Ultra-Deep Neural Networks without Residuals" (arXiv:1605.07648).
+"""FractalNet: Larsson et al. 2017, "Ultra-Deep Neural Networks without Residuals" (arXiv:1605.07648).
 
 A block is the truncated fractal f_C of the expansion rule (§2, eq. 1)
 
     f_1(z) = conv(z),    f_{C+1}(z) = join(f_C ∘ f_C(z), conv(z)),
 
 built here by that recursion: :class:`Fractal` holds the new one-conv column (``conv``) and the two copies of
-f_C (``first``, ``second``). Joins that meet at the same depth are one join, as in the paper's Fig. 1: the last
-join of f_{C+1} averages the last join's inputs of the second f_C together with conv(z). Columns are numbered by
-depth: column c of f_C is a plain chain of 2^c convs, so column C−1 is the deepest.
+f_C (``first``, ``second``). Joins that meet at the same depth are one join, as in the paper's Fig. 1: the
+last join of f_{C+1} averages the last join's inputs of the second f_C together with conv(z). Columns are
+numbered by depth: column c of f_C is a plain chain of 2^c convs, so column C−1 is the deepest.
 
 Drop-path (§3) regularizes training: a mini-batch uses either local drop-path (each join drops each input with
-probability ``drop_path_local``, keeping at least one) or, with probability ``global_fraction``, global drop-path
-(one column, the same in every block). At test time every path is active and every join is a plain mean.
+probability ``drop_path_local``, keeping at least one) or, with probability ``global_fraction``, global
+drop-path (one column, the same in every block). At test time every path is active; every join is a mean.
 
 Its stages are the blocks; its classifier is ``fc`` (see :mod:`cvarch.models.layers`).
 """
@@ -29,7 +29,7 @@ from cvarch.norm import NormFactory, get_norm_layer
 
 
 def join(inputs: list[torch.Tensor], drop: float = 0.0) -> torch.Tensor:
-    """Element-wise mean of the inputs that survive local drop-path (Larsson 2017 §2 join, §3 local drop-path).
+    """Element-wise mean of the inputs that survive local drop-path (Larsson 2017 §2 join, §3 drop-path).
 
     Args:
         inputs: the tensors meeting at this join, all of one shape.
@@ -175,7 +175,7 @@ class FractalNet(nn.Module):
         for i, (width, rate) in enumerate(zip(channels, rates, strict=True)):
             self.blocks.append(Fractal(in_channels, width, columns, norm, act, rate, drop_path_local))
             in_channels = width
-            # a stage is a block; the max-pool after it is one module shared by all blocks, so it cannot end one
+            # a stage is a block; the max-pool after it is one module shared by all blocks, so cannot end one
             self.feature_info.append(FeatureInfo(module=f"blocks.{i}", num_chs=width, reduction=2**i))
         self.pool = nn.MaxPool2d(2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))  # 32×32 input is 1×1 after 5 pools; other sizes average
@@ -196,8 +196,9 @@ class FractalNet(nn.Module):
         return None
 
     def extract_column(self, c: int) -> nn.Sequential:
-        """Column c of every block as a plain chain sharing this net's weights, B·2^c convs deep: the fixed-depth
-        subnetwork that drop-path makes usable on its own (Table 1's "deepest column alone" for c = C−1)."""
+        """Column c of every block as a plain chain sharing this net's weights, B·2^c convs deep: the
+        fixed-depth subnetwork that drop-path makes usable on its own (Table 1's "deepest column alone":
+        c = C−1)."""
         layers: list[nn.Module] = []
         for block in self.blocks:
             layers += [*block.column_units(c), self.pool]
@@ -207,7 +208,7 @@ class FractalNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
-        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init as the constructor's."""
+        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init, as constructed."""
         old = self.fc
         self.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
 

@@ -2,13 +2,13 @@
 
 One :class:`GoogLeNet` holds the paper's net (Table 1, Fig. 3) and torchvision's ``googlenet`` as settings:
 
-- ``conv_block``: where the norm slots are. ``plain`` is the paper's: every conv is conv (with bias) + ReLU and
-  the norm group fills the two LRN positions of the stem (Fig. 3). ``bn`` is torchvision's ``BasicConv2d``:
-  conv (no bias) + norm + ReLU in every conv, and no stem norms.
-- ``five_by_five_kernel``: 5 in the paper; torchvision's "5×5" branch is really a 3×3 conv, a known deviation it
-  keeps for its released weights (pytorch/vision issue #906).
-- ``adaptive_pool`` and ``maxpool4_kernel``: the paper's fixed 7×7 average pool, 5×5/3 auxiliary pool and 3×3/2
-  max-pool before 5a, or torchvision's adaptive pools and 2×2/2 max-pool (equal at 224×224).
+- ``conv_block``: where the norm slots are. ``plain`` is the paper's: every conv is conv (with bias) + ReLU
+  and the norm group fills the two LRN positions of the stem (Fig. 3). ``bn`` is torchvision's
+  ``BasicConv2d``: conv (no bias) + norm + ReLU in every conv, and no stem norms.
+- ``five_by_five_kernel``: 5 in the paper; torchvision's "5×5" branch is really a 3×3 conv, a known deviation
+  it keeps for its released weights (pytorch/vision issue #906).
+- ``adaptive_pool`` and ``maxpool4_kernel``: the paper's fixed 7×7 average pool, 5×5/3 auxiliary pool and
+  3×3/2 max-pool before 5a, or torchvision's adaptive pools and 2×2/2 max-pool (equal at 224×224).
 - ``inception``: the paper's module with 1×1 reductions (Fig. 2b), or the naive one (Fig. 2a).
 
 Table 1's filter counts are data in ``conf/model/googlenet*.yaml``. Attribute names follow torchvision's
@@ -32,10 +32,10 @@ MODULE_NAMES = ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")
 
 
 class BasicConv2d(nn.Module):
-    """Convolution, norm slot, activation: torchvision's ``BasicConv2d`` (Szegedy 2014 §5: ReLU on every conv).
+    """Convolution, norm slot, activation: torchvision's ``BasicConv2d`` (Szegedy 2014 §5: ReLU everywhere).
 
-    The conv carries a bias only when the norm slot is empty (a norm's shift replaces it), so with ``none`` this
-    is the paper's plain conv + ReLU and with a BatchNorm it is torchvision's conv(bias=False) + BN + ReLU.
+    The conv carries a bias only when the norm slot is empty (a norm's shift replaces it), so with ``none``
+    this is the paper's plain conv + ReLU, with a BatchNorm torchvision's conv(bias=False) + BN + ReLU.
 
     Args:
         in_channels: input channels.
@@ -73,11 +73,11 @@ class BasicConv2d(nn.Module):
 
 
 class InceptionModule(nn.Module):
-    """Inception module, Szegedy 2014 §4 and Fig. 2: parallel 1×1, 3×3, 5×5 convs and a 3×3 max-pool, concatenated.
+    """Inception module, Szegedy 2014 §4, Fig. 2: parallel 1×1, 3×3, 5×5 convs and 3×3 max-pool, concatenated.
 
     ``reduced`` (Fig. 2b, the one GoogLeNet uses) puts 1×1 reductions before the 3×3 and 5×5 convs and a 1×1
-    projection after the pool; ``naive`` (Fig. 2a) has none, so its pool branch passes all input channels on and
-    the depth grows with every module.
+    projection after the pool; ``naive`` (Fig. 2a) has none, so its pool branch passes all input channels on
+    and the depth grows with every module.
 
     Args:
         in_channels: input channels.
@@ -143,13 +143,13 @@ class InceptionModule(nn.Module):
 
 
 class InceptionAux(nn.Module):
-    """Auxiliary classifier, Szegedy 2014 §5: avg-pool 5×5/3, 1×1 conv 128 + ReLU, FC 1024 + ReLU, dropout 70%,
-    linear. Names follow torchvision's ``InceptionAux`` (``conv``, ``fc1``, ``fc2``, ``dropout``).
+    """Auxiliary classifier, Szegedy 2014 §5: avg-pool 5×5/3, 1×1 conv 128 + ReLU, FC 1024 + ReLU, dropout
+    70%, linear. Names follow torchvision's ``InceptionAux`` (``conv``, ``fc1``, ``fc2``, ``dropout``).
 
     Args:
         in_channels: channels of the module it branches from (512 after 4a, 528 after 4d).
         num_classes: outputs.
-        adaptive_pool: pool to 4×4 adaptively (torchvision) instead of the paper's fixed 5×5/3 (4×4 from 14×14).
+        adaptive_pool: pool to 4×4 adaptively (torchvision), not with the paper's fixed 5×5/3 (4×4 at 14×14).
         dropout: drop probability before the last linear (paper 0.7).
         norm_layer: ``norm(num_channels)`` factory for the conv block's slot.
         act_layer: activation factory.
@@ -185,9 +185,10 @@ class InceptionAux(nn.Module):
 class GoogLeNet(nn.Module):
     """GoogLeNet of Szegedy et al. 2014 (Table 1, Fig. 3); torchvision's ``googlenet`` is a setting of it.
 
-    In training mode with ``aux_logits`` the forward returns ``(logits, aux1_logits, aux2_logits)`` so the loss
-    can add the auxiliary losses with weight 0.3 (§5); otherwise it returns the logits alone. ``forward_features``
-    never runs the auxiliary classifiers, so ``forward_head(forward_features(x))`` is the eval-mode forward.
+    In training mode with ``aux_logits`` the forward returns ``(logits, aux1_logits, aux2_logits)`` so the
+    loss can add the auxiliary losses with weight 0.3 (§5); otherwise it returns the logits alone.
+    ``forward_features`` never runs the auxiliary classifiers: ``forward_head(forward_features(x))`` is the
+    eval-mode forward.
 
     Args:
         inception_widths: Table 1 per module ``3a``…``5b``: [#1×1, #3×3 reduce, #3×3, #5×5 reduce, #5×5,
@@ -198,7 +199,7 @@ class GoogLeNet(nn.Module):
             conv without bias + norm + ReLU everywhere, no stem norms).
         five_by_five_kernel: kernel of the "5×5" branches (paper 5; torchvision 3).
         maxpool4_kernel: kernel of the stride-2 max-pool before 5a (paper 3; torchvision 2).
-        adaptive_pool: adaptive final and auxiliary pools (torchvision) instead of the paper's fixed 7×7 and 5×5/3.
+        adaptive_pool: adaptive final and auxiliary pools (torchvision), not the paper's fixed 7×7 and 5×5/3.
         aux_logits: build the two auxiliary classifiers after 4a and 4d (§5).
         num_classes: outputs of ``fc``.
         in_channels: input image channels.
@@ -230,7 +231,8 @@ class GoogLeNet(nn.Module):
             raise ValueError(f"model.conv_block={conv_block!r} is not one of ['bn', 'plain']")
         if sorted(inception_widths) != sorted(MODULE_NAMES):
             raise ValueError(
-                f"model.inception_widths has modules {sorted(inception_widths)}; expected {list(MODULE_NAMES)}"
+                f"model.inception_widths has modules {sorted(inception_widths)}; "
+                f"expected {list(MODULE_NAMES)}"
             )
         if any(len(widths) != 6 for widths in inception_widths.values()):
             raise ValueError(
@@ -307,8 +309,8 @@ class GoogLeNet(nn.Module):
         return self.fc, self.aux1.fc2, self.aux2.fc2
 
     def reset_classifier(self, num_classes: int) -> None:
-        """A new ``fc`` (and ``fc2`` of each auxiliary classifier) of ``num_classes`` outputs, initialized as the
-        constructor does."""
+        """A new ``fc`` (and ``fc2`` of each auxiliary classifier) of ``num_classes`` outputs, initialized as
+        the constructor does."""
         self.fc = self._new_linear(self.fc, num_classes)
         for aux in (self.aux1, self.aux2):
             if aux is not None:
@@ -320,7 +322,7 @@ class GoogLeNet(nn.Module):
         return fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk up to inception5b, ``(N, 1024, 7, 7)`` at 224×224; the auxiliary classifiers do not run."""
+        """The trunk up to inception5b, ``(N, 1024, 7, 7)`` at 224×224, without the auxiliary classifiers."""
         return self._trunk(x, aux=False)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -366,9 +368,9 @@ class GoogLeNet(nn.Module):
 def _init_weights(m: nn.Module, conv_block: str) -> None:
     """The init of ``conv_block``'s GoogLeNet.
 
-    ``bn``: torchvision's (``init_weights=True``): truncated normal σ=0.01 on conv and linear weights. ``plain``:
-    the paper gives none; BVLC's Caffe reproduction (bvlc_googlenet) uses the "xavier" filler, U(±√(3/fan_in)),
-    with conv biases 0.2 so the ReLUs of the 22-layer plain net start active.
+    ``bn``: torchvision's (``init_weights=True``): truncated normal σ=0.01 on conv and linear weights.
+    ``plain``: the paper gives none; BVLC's Caffe reproduction (bvlc_googlenet) uses the "xavier" filler,
+    U(±√(3/fan_in)), with conv biases 0.2 so the ReLUs of the 22-layer plain net start active.
     """
     if conv_block == "bn":
         if isinstance(m, (nn.Conv2d, nn.Linear)):

@@ -1,19 +1,19 @@
-"""Building blocks shared by the model families: the activation factory, stochastic depth, and the structure every
-classifier declares.
+"""Building blocks shared by the model families: activation factory, stochastic depth, declared structure.
 
 Every classifier of the zoo declares its structure as timm's models do (timm ``FeatureInfo`` and
-``get_classifier``), so tools that need its stages or its head (``transfer``, stage probes) ask the model and never
-guess from module names:
+``get_classifier``), so tools that need its stages or its head (``transfer``, stage probes) ask the model and
+never guess from module names:
 
 - ``feature_info``: one :class:`FeatureInfo` per stage, bottom to top.
-- ``forward_features(x)``: the trunk, up to the last stage's features (``(N, C, H, W)``; ``(N, C)`` for the MLP).
-- ``forward_head(features, pre_logits=False)``: the rest; ``forward_head(forward_features(x))`` is ``forward(x)``
-  in eval mode. ``pre_logits=True`` stops at the input of the classifier that :meth:`get_classifier` returns.
-- ``get_classifier()``: the module whose outputs are the logits, or a tuple of them with the main one first and
-  the auxiliary heads' last layers after it (GoogLeNet with ``aux_logits``): exactly the parameters that depend
-  on the class count.
-- ``reset_classifier(num_classes)``: replaces those modules with freshly initialized ones (the family's own init)
-  of ``num_classes`` outputs, on the old ones' device and dtype, and touches nothing else.
+- ``forward_features(x)``: the trunk, up to the last stage's features (``(N, C, H, W)``; MLP: ``(N, C)``).
+- ``forward_head(features, pre_logits=False)``: the rest; ``forward_head(forward_features(x))`` is
+  ``forward(x)`` in eval mode. ``pre_logits=True`` stops at the input of the classifier that
+  :meth:`get_classifier` returns.
+- ``get_classifier()``: the module whose outputs are the logits, or a tuple of them with the main one first
+  and the auxiliary heads' last layers after it (GoogLeNet with ``aux_logits``): exactly the parameters that
+  depend on the class count.
+- ``reset_classifier(num_classes)``: replaces those modules with freshly initialized ones (the family's own
+  init) of ``num_classes`` outputs, on the old ones' device and dtype, and touches nothing else.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ _ACTIVATIONS: dict[str, ActFactory] = {
 class FeatureInfo(TypedDict):
     """One stage of a classifier's trunk, as timm's ``feature_info`` entries describe it.
 
-    ``reduction`` is the product of the strides up to the stage's end: the input side over the feature side, up to
-    the rounding of unpadded convs and pools (the lecture's AlexNet: 227 → 27 after a stride of 8).
+    ``reduction`` is the product of the strides up to the stage's end: the input side over the feature side,
+    up to the rounding of unpadded convs and pools (the lecture's AlexNet: 227 → 27 after a stride of 8).
     """
 
     module: str  # dotted name of the module whose output ends the stage

@@ -1,4 +1,4 @@
-"""A deep fully connected net for the lecture's weight-initialization study (10 hidden layers of 500 tanh units).
+"""A deep MLP for the lecture's weight-initialization study (10 hidden layers of 500 tanh units).
 
 The hidden layers are exposed as ``hidden[i].fc`` / ``hidden[i].act`` so the study can hook their
 pre-activations and activations layer by layer, as Glorot & Bengio 2010 §4 plot them.
@@ -58,7 +58,7 @@ class MLP(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
-        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init as the constructor's."""
+        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init, as constructed."""
         old = self.fc
         self.fc = nn.Linear(
             old.in_features,

@@ -1,12 +1,13 @@
 """ResNet family: He et al. 2015, "Deep Residual Learning for Image Recognition" (arXiv:1512.03385).
 
 The post-activation blocks (He 2015), their pre-activation twins (He et al. 2016, "Identity Mappings in Deep
-Residual Networks", arXiv:1603.05027) and the plain block without a shortcut (He 2015 §4.1) sit side by side, so
-the orderings can be diffed by eye. The ImageNet nets (§3.4, Table 1), the CIFAR nets (§4.2), Wide ResNets
-(Zagoruyko & Komodakis 2016, arXiv:1605.07146), ResNeXt (Xie et al. 2016, arXiv:1611.05431) and stochastic depth
-(Huang et al. 2016, arXiv:1603.09382) are all settings of one :class:`ResNet`. Attribute names follow
-torchvision's ``resnet.py`` (``conv1``, ``bn1``, ``layer1``…, ``downsample``, ``fc``) so its ``state_dict`` loads
-with ``strict=True``. Its stages are the ``layer<i>``; its classifier is ``fc`` (see :mod:`cvarch.models.layers`).
+Residual Networks", arXiv:1603.05027) and the plain block without a shortcut (He 2015 §4.1) sit side by side,
+so the orderings can be diffed by eye. The ImageNet nets (§3.4, Table 1), the CIFAR nets (§4.2), Wide ResNets
+(Zagoruyko & Komodakis 2016, arXiv:1605.07146), ResNeXt (Xie et al. 2016, arXiv:1611.05431) and stochastic
+depth (Huang et al. 2016, arXiv:1603.09382) are all settings of one :class:`ResNet`. Attribute names follow
+torchvision's ``resnet.py`` (``conv1``, ``bn1``, ``layer1``…, ``downsample``, ``fc``) so its ``state_dict``
+loads with ``strict=True``. Its stages are the ``layer<i>``; its classifier is ``fc``
+(:mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def zero_init_last(self) -> None:
-        """Zeroes the last norm's γ so the block starts as an identity (Goyal et al. 2017, arXiv:1706.02677)."""
+        """Zeroes the last norm's γ so the block starts as an identity (Goyal 2017, arXiv:1706.02677)."""
         if getattr(self.bn2, "weight", None) is not None:
             nn.init.zeros_(self.bn2.weight)
 
@@ -116,7 +117,7 @@ class BasicBlock(nn.Module):
 class PreActBasicBlock(nn.Module):
     """BasicBlock in the full pre-activation ordering BN-ReLU-conv (He 2016 Fig. 4(e)); nothing after the sum.
 
-    Where the shape changes, the shortcut takes the pre-activated input, as in He 2016's code and Zagoruyko 2016.
+    Where the shape changes, the shortcut takes the pre-activated input (He 2016's code, Zagoruyko 2016).
 
     Args:
         inplanes: input channels.
@@ -178,7 +179,7 @@ class PreActBasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1×1 reduce, 3×3, 1×1 expand (×4), with the stride on the 3×3 as torchvision does (He 2015 Fig. 5 right).
+    """1×1 reduce, 3×3, 1×1 expand (×4), the stride on the 3×3 as in torchvision (He 2015 Fig. 5 right).
 
     ``groups`` and ``base_width`` make it ResNeXt's block (Xie et al. 2016) and Wide ResNet-50-2's.
 
@@ -191,7 +192,7 @@ class Bottleneck(nn.Module):
         base_width: width per group (64 = plain ResNet).
         norm_layer: ``norm(num_channels)`` factory.
         act_layer: ``act()`` factory for every activation.
-        dropout: dropout rate before the last 1×1 conv (the place Zagoruyko 2016 §2.4 gives it in basic blocks).
+        dropout: dropout rate before the last 1×1 conv (where Zagoruyko 2016 §2.4 puts it in basic blocks).
         drop_path: probability of dropping the residual branch (Huang 2016 stochastic depth).
     """
 
@@ -225,7 +226,7 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def zero_init_last(self) -> None:
-        """Zeroes the last norm's γ so the block starts as an identity (Goyal et al. 2017, arXiv:1706.02677)."""
+        """Zeroes the last norm's γ so the block starts as an identity (Goyal 2017, arXiv:1706.02677)."""
         if getattr(self.bn3, "weight", None) is not None:
             nn.init.zeros_(self.bn3.weight)
 
@@ -313,7 +314,7 @@ class PreActBottleneck(nn.Module):
 
 
 class PlainBlock(nn.Module):
-    """BasicBlock without its shortcut: the plain nets of the degradation experiment (He 2015 §4.1–4.2, Fig. 6).
+    """BasicBlock without its shortcut: the plain nets of the degradation experiment (He 2015 §4.1, Fig. 6).
 
     Args:
         inplanes: input channels.
@@ -378,7 +379,7 @@ class ResNet(nn.Module):
 
     Args:
         block: ``basic`` or ``bottleneck``.
-        layers: residual blocks per stage, e.g. ``[3, 3, 3]`` (ResNet-20, §4.2) or ``[3, 4, 6, 3]`` (ResNet-50).
+        layers: residual blocks per stage: ``[3, 3, 3]`` (ResNet-20, §4.2), ``[3, 4, 6, 3]`` (ResNet-50).
         widths: channels of each stage before the block expansion; stage i > 0 starts with stride 2. The stem
             has ``widths[0]`` channels.
         stem: ``imagenet`` (7×7/2 conv + 3×3/2 max-pool, Table 1) or ``cifar`` (one 3×3 conv, §4.2).
@@ -448,8 +449,8 @@ class ResNet(nn.Module):
         else:
             self.conv1 = conv3x3(in_channels, self.inplanes)
             self.maxpool = nn.Identity()
-        # pre-activation: the first block normalizes the stem's output itself, as Zagoruyko 2016's code (He 2016
-        # App. puts that BN-ReLU on the stem; the two differ only under an identity shortcut of the first block)
+        # pre-activation: the first block normalizes the stem's output itself, as Zagoruyko 2016's code (He
+        # 2016 App. puts that BN-ReLU on the stem; they differ only under the first block's identity shortcut)
         self.bn1 = nn.Identity() if preact else norm(self.inplanes)
         self.relu = nn.Identity() if preact else act()
         rates = iter(drop_path_rates(sum(layers), drop_path))
@@ -526,7 +527,7 @@ class ResNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
-        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init as the constructor's."""
+        """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init, as constructed."""
         old = self.fc
         self.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
 

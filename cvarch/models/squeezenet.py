@@ -1,12 +1,11 @@
-"""SqueezeNet family: Iandola et al. 2016, "SqueezeNet: AlexNet-level accuracy with 50x fewer parameters and
-<0.5MB model size" (arXiv:1602.07360).
+"""SqueezeNet family: Iandola et al. 2016, "SqueezeNet: AlexNet-level accuracy with…" (arXiv:1602.07360).
 
 Versions 1.0 (Table 1) and 1.1 (the authors' GitHub release: 3×3 conv1, earlier pools) are data in
 ``conf/model/squeezenet1_{0,1}.yaml``, with the bypass connections of §5 (Fig. 2, Table 3) as a setting.
-Attribute names follow torchvision's ``squeezenet.py`` (``features``, ``classifier``; ``squeeze``, ``expand1x1``,
-``expand3x3`` …), so with ``bypass: none`` its ``state_dict`` loads with ``strict=True``.
+Attribute names follow torchvision's ``squeezenet.py`` (``features``, ``classifier``; ``squeeze``,
+``expand1x1``, ``expand3x3`` …), so with ``bypass: none`` its ``state_dict`` loads with ``strict=True``.
 
-Its stages end before the max-pools; its classifier is conv10, the final 1×1 conv (see :mod:`cvarch.models.layers`).
+Its stages end before the max-pools; its classifier is conv10 (see :mod:`cvarch.models.layers`).
 """
 
 from __future__ import annotations
@@ -81,14 +80,14 @@ class Fire(nn.Module):
 
 
 class SqueezeNet(nn.Module):
-    """conv1, max-pools and Fire modules, then dropout and a 1×1 conv to the classes, averaged (Iandola 2016 Table 1).
+    """conv1, max-pools and Fire modules, then dropout and a 1×1 conv to the classes, averaged (Table 1).
 
     Args:
         stem: conv1 as ``[filters, kernel, stride]`` (1.0: ``[96, 7, 2]``; 1.1: ``[64, 3, 2]``), unpadded.
-        features: after conv1 and its ReLU, in order: ``"M"`` for a 3×3 stride-2 max-pool (rounding up, as Caffe),
-            ``[s1x1, e1x1, e3x3]`` for a Fire module (Table 1's columns).
-        bypass: ``none`` (torchvision's layout), ``simple`` (identity shortcuts around the Fire modules whose input
-            and output channels match: fire3, 5, 7, 9) or ``complex`` (also 1×1 conv shortcuts around the rest).
+        features: after conv1 and its ReLU, in order: ``"M"`` for a 3×3 stride-2 max-pool (rounding up, as
+            Caffe), ``[s1x1, e1x1, e3x3]`` for a Fire module (Table 1's columns).
+        bypass: ``none`` (torchvision's layout), ``simple`` (identity shortcuts around the Fire modules whose
+            input and output channels match: fire3, 5, 7, 9) or ``complex`` (1×1 conv shortcuts elsewhere).
         num_classes: filters of the final 1×1 conv (conv10).
         in_channels: input image channels.
         norm_layer: norm name or ``norm(num_channels)`` factory after conv1 and each Fire conv (paper: none).
@@ -146,7 +145,7 @@ class SqueezeNet(nn.Module):
             nn.Dropout(p=dropout), final_conv, act(), nn.AdaptiveAvgPool2d((1, 1))
         )
 
-        # torchvision's init; the final conv, whose outputs are the logits, starts small (Caffe release: N(0, 0.01))
+        # torchvision's init; the final conv, whose outputs are the logits, starts small (Caffe: N(0, 0.01))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 if m is final_conv:

@@ -1,9 +1,8 @@
-"""VGG family: Simonyan & Zisserman 2014, "Very Deep Convolutional Networks for Large-Scale Image Recognition"
-(arXiv:1409.1556).
+"""VGG family: Simonyan & Zisserman 2014, "Very Deep Convolutional Networks…" (arXiv:1409.1556).
 
-Configurations A, B, D, E of Table 1 are lists in ``conf/model/vgg{11,13,16,19}.yaml``, as torchvision's ``cfgs``
-dict keeps them. Attribute names follow torchvision's ``vgg.py`` (``features``, ``avgpool``, ``classifier``), so
-``vgg16`` loads torchvision's ``vgg16`` ``state_dict`` and ``vgg16 norm=batchnorm`` loads ``vgg16_bn``'s.
+Configurations A, B, D, E of Table 1 are lists in ``conf/model/vgg{11,13,16,19}.yaml``, as torchvision's
+``cfgs`` dict keeps them. Attribute names follow torchvision's ``vgg.py`` (``features``, ``avgpool``,
+``classifier``): ``vgg16`` loads torchvision's ``vgg16`` weights, ``vgg16 norm=batchnorm`` ``vgg16_bn``'s.
 
 Its stages end at the max-pools; its classifier is the last Linear (see :mod:`cvarch.models.layers`).
 """
@@ -20,15 +19,15 @@ from cvarch.norm import NormFactory, get_norm_layer
 
 
 class VGG(nn.Module):
-    """Stacks of 3×3 convolutions and 2×2 max-pools, then three fully connected layers (Simonyan 2014 Table 1).
+    """Stacks of 3×3 convs and 2×2 max-pools, then three fully connected layers (Simonyan 2014 Table 1).
 
     Every conv is 3×3, stride 1, padding 1 (§2.1), so only the max-pools (2×2, stride 2) halve the resolution.
     A norm slot follows every conv; it holds no module when the norm is ``none`` (the paper's nets), and a
     BatchNorm2d with ``norm=batchnorm``, which gives torchvision's ``vgg*_bn`` layout.
 
     Args:
-        cfg: a column of Table 1: conv widths, and ``"M"`` for a max-pool, e.g. ``[64, M, 128, M, 256, 256, M, ...]``
-            (configuration A, VGG-11).
+        cfg: a column of Table 1: conv widths, and ``"M"`` for a max-pool; configuration A (VGG-11) is
+            ``[64, M, 128, M, 256, 256, M, ...]``.
         num_classes: outputs of the last fully connected layer.
         in_channels: input image channels.
         norm_layer: norm name or ``norm(num_channels)`` factory after every conv (paper: none).

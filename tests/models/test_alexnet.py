@@ -1,4 +1,4 @@
-"""AlexNet family: the lecture's AlexNet layer by layer, torchvision's AlexNet exactly, and ZFNet's Fig. 3 shapes."""
+"""AlexNet family: the lecture's AlexNet layer by layer, torchvision's AlexNet exactly, ZFNet's Fig. 3."""
 
 from __future__ import annotations
 

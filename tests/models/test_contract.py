@@ -1,17 +1,18 @@
 """Every classifier config declares its structure the same way, timm's contract (see cvarch/models/layers.py):
 ``feature_info``, ``forward_features`` / ``forward_head``, ``get_classifier()`` and ``reset_classifier(n)``.
 
-Kept fast (a second per config at most, resnet152, densenet201 and vgg19 included; resnet1202 is marked slow) by
-building each config once on the meta device: no memory, no FLOP. There the shapes are checked, the order of the
-stages, the modules each forward path runs, and which tensors ``reset_classifier`` replaces (by identity and
-in-place version counter). The norm slots are emptied (``norm=none``): on the meta device every BatchNorm costs
-milliseconds (PyTorch runs its Python decomposition), and no norm is part of the contract.
+Kept fast (a second per config at most, resnet152, densenet201 and vgg19 included; resnet1202 is marked slow)
+by building each config once on the meta device: no memory, no FLOP. There the shapes are checked, the order
+of the stages, the modules each forward path runs, and which tensors ``reset_classifier`` replaces (by
+identity and in-place version counter). The norm slots are emptied (``norm=none``): on the meta device every
+BatchNorm costs milliseconds (PyTorch runs its Python decomposition), and no norm is part of the contract.
 
-Values need real weights, seconds per ImageNet net, so the bit-for-bit checks (``forward_head(forward_features(x))
-== forward(x)``; ``reset_classifier`` leaves every other parameter and buffer, norm statistics included, as it
-was) run on one small net per family, with its norms: CIFAR nets as configured, the ImageNet families narrowed by
-overrides, since the split is each family's code, not its widths. The split is checked in eval mode: in
-training GoogLeNet's forward also returns its auxiliary logits, which ``forward_features`` never computes.
+Values need real weights, seconds per ImageNet net, so the bit-for-bit checks
+(``forward_head(forward_features(x)) == forward(x)``; ``reset_classifier`` leaves every other parameter and
+buffer, norm statistics included, as it was) run on one small net per family, with its norms: CIFAR nets as
+configured, the ImageNet families narrowed by overrides, since the split is each family's code, not its
+widths. The split is checked in eval mode: in training GoogLeNet's forward also returns its auxiliary logits,
+which ``forward_features`` never computes.
 """
 
 from __future__ import annotations

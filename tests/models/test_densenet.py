@@ -1,4 +1,4 @@
-"""DenseNet family: torchvision equality for the ImageNet nets, the paper's CIFAR DenseNet-BC (L=100, k=12)."""
+"""DenseNet family: torchvision equality for the ImageNet nets, the paper's DenseNet-BC (L=100, k=12)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FractalNet: the expansion rule's structure, the flat mean join, local and global drop-path, the CIFAR config."""
+"""FractalNet: the expansion rule's structure, the mean join, local and global drop-path, the CIFAR config."""
 
 from __future__ import annotations
 

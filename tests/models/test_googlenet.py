@@ -1,4 +1,4 @@
-"""GoogLeNet family: torchvision equality, the paper's Table 1 net, and the lecture's Inception-module arithmetic."""
+"""GoogLeNet family: torchvision equality, the paper's Table 1 net, the lecture's Inception arithmetic."""
 
 from __future__ import annotations
 

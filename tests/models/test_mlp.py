@@ -1,4 +1,4 @@
-"""MLP of the weight-initialization study: layer count and shapes, parameter formula, flattening, input check."""
+"""MLP of the weight-initialization study: layers and shapes, parameter formula, flattening, input check."""
 
 from __future__ import annotations
 

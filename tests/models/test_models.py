@@ -21,7 +21,7 @@ def test_a_fitting_input_passes_without_touching_weights():
 
 
 def test_too_small_input_names_the_layer_and_the_smallest_size():
-    # 12 → conv5 → 8 → pool → 4 → conv5 → 0: collapses at layer '3'; 14 → 10 → 5 → 1 is the smallest that works
+    # 12 → conv5 → 8 → pool → 4 → conv5 → 0: collapses at layer '3'; 14 → 10 → 5 → 1 is the smallest to work
     with pytest.raises(
         ValueError, match=r"collapses at layer '3'; the smallest square input that works is 14×14"
     ):

@@ -83,7 +83,7 @@ def test_bad_settings_are_named():
         ResNet("basic", [1, 1], [16, 32, 64])
 
 
-# --- Every variant as a config: the paper's and torchvision's numbers through the public API -----------------
+# --- Every variant as a config: the paper's and torchvision's numbers through the public API ----------------
 
 IMAGENET = {  # torchvision 0.29 parameter counts (He 2015 Table 1; Zagoruyko 2016; Xie 2016 Table 1)
     "resnet18": 11_689_512,
@@ -164,7 +164,7 @@ def test_shortcut_b_adds_exactly_the_projections():
     assert isinstance(a.layer2[0].downsample, ZeroPadShortcut)
 
 
-# --- Plain nets (He 2015 Fig. 6) --------------------------------------------------------------------------------
+# --- Plain nets (He 2015 Fig. 6) ----------------------------------------------------------------------------
 
 
 def test_plain_nets_have_no_shortcut():
@@ -199,7 +199,7 @@ def test_plain_rejects_settings_that_need_a_residual_branch():
         ResNet("bottleneck", [1, 1, 1], [16, 32, 64], stem="cifar", shortcut="none")
 
 
-# --- Pre-activation (He 2016) -----------------------------------------------------------------------------------
+# --- Pre-activation (He 2016) -------------------------------------------------------------------------------
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -252,7 +252,7 @@ def test_preact_bottleneck_164():
     assert params(model) == 1_703_258  # He 2016 Table 3: 1.7M
 
 
-# --- Wide ResNet (Zagoruyko 2016) and ResNeXt (Xie 2016) --------------------------------------------------------
+# --- Wide ResNet (Zagoruyko 2016) and ResNeXt (Xie 2016) ----------------------------------------------------
 
 
 @pytest.mark.parametrize(("name", "k", "n"), [("wrn16_4", 4, 2), ("wrn40_4", 4, 6)])
@@ -278,7 +278,7 @@ def test_resnext29_uses_grouped_bottlenecks():
     assert params(model) == 34_426_698  # Xie 2016 Table 7: 34.4M
 
 
-# --- Stochastic depth (Huang et al. 2016) -----------------------------------------------------------------------
+# --- Stochastic depth (Huang et al. 2016) -------------------------------------------------------------------
 
 RESIDUAL_VARIANTS = [
     ["model=resnet20"],
@@ -316,7 +316,7 @@ def test_drop_path_rates_decay_linearly_from_the_first_to_the_last_block():
     assert rates[-1] == pytest.approx(0.5) and rates[0] == pytest.approx(0.5 / 54)
 
 
-# --- Hooks: act_layer, dropout, norm ----------------------------------------------------------------------------
+# --- Hooks: act_layer, dropout, norm ------------------------------------------------------------------------
 
 RESNEXT_SMALL = [
     "model=resnet20",

@@ -1,4 +1,4 @@
-"""SqueezeNet family: torchvision's 1.0 and 1.1 exactly, and the bypass connections of Iandola et al. 2016 §5."""
+"""SqueezeNet family: torchvision's 1.0 and 1.1 exactly, and the bypass connections of Iandola 2016 §5."""
 
 from __future__ import annotations
 

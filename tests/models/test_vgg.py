@@ -19,7 +19,7 @@ def params(model: nn.Module) -> int:
 
 
 def build_meta(*overrides: str) -> nn.Module:
-    """The model as the public API builds it, on the meta device: shapes and counts without 140M random draws."""
+    """The model as the public API builds it, on the meta device: shapes and counts without 140M draws."""
     with torch.device("meta"):
         return cvarch.build_model(*overrides)
 

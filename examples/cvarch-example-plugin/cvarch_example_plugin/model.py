@@ -1,11 +1,11 @@
 """ExampleNet: a small conv-pool stack with global average pooling, as a cvarch plugin ships a model.
 
 Each stage is a 3×3 conv, a norm slot, an activation and a 2×2 max-pool (the VGG pattern, Simonyan & Zisserman
-2014 §2.1); the head is global average pooling then one linear layer (Network in Network, Lin et al. 2013 §3.2).
-It follows cvarch's model conventions: ``num_classes`` and ``in_channels`` from the data, the ``norm`` group's
-factory in ``norm_layer``, torchvision's attribute names (``features``, ``avgpool``, ``fc``), and the structure
-every cvarch classifier declares (``feature_info``, ``forward_features``, ``forward_head``, ``get_classifier``,
-``reset_classifier``: see ``cvarch.models.layers``), which ``transfer`` and stage probes use.
+2014 §2.1); the head is global average pooling then one linear layer (Network in Network, Lin et al. 2013
+§3.2). It follows cvarch's model conventions: ``num_classes`` and ``in_channels`` from the data, the ``norm``
+group's factory in ``norm_layer``, torchvision's attribute names (``features``, ``avgpool``, ``fc``), and the
+structure every cvarch classifier declares (``feature_info``, ``forward_features``, ``forward_head``,
+``get_classifier``, ``reset_classifier``: see ``cvarch.models.layers``) that transfer and stage probes use.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class ExampleNet(nn.Module):
     Init: PyTorch's defaults; the ``init`` group re-initializes it like any cvarch model.
 
     Args:
-        widths: output channels of each stage; each stage halves the resolution (8×8 digits: two stages → 2×2).
+        widths: output channels of each stage; each halves the resolution (8×8 digits: two stages → 2×2).
         num_classes: outputs of the final ``fc``.
         in_channels: input image channels.
         norm_layer: norm name or ``norm(num_channels)`` factory after every conv.
