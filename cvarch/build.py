@@ -19,12 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.func import functional_call
 
 from cvarch.augment import Augment
 from cvarch.config import model_parts, optimizer_parts, scheduler_parts
 from cvarch.data import ImageDataModule
-from cvarch.models import check_input_size
+from cvarch.models import check_input_size, meta_forward
 from cvarch.module import ClassificationModule
 from cvarch.optimizer import matches
 from cvarch.transfer import Transfer
@@ -121,24 +120,20 @@ def _takes(target: Any, name: str) -> bool:
 
 
 def check_head(model: nn.Module, image_shape: tuple[int, int, int], num_classes: int) -> None:
-    """Checks that the model's logits are as wide as the dataset has classes, on a meta-device probe (no memory,
-    no FLOP). Only a 2-D output is checked: a building block such as ``inception_module`` returns feature maps.
+    """Checks that the model's logits are as wide as the dataset has classes, on a meta-device forward
+    (:func:`cvarch.models.meta_forward`). Only a 2-D output is checked: a building block such as
+    ``inception_module`` returns feature maps.
 
     Raises:
         ValueError: naming ``model``, the output width and ``data.num_classes``.
     """
-    tensors = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
-    was_training = model.training
-    model.eval()
-    try:
-        out = functional_call(model, tensors, (torch.empty(1, *image_shape, device="meta"),), strict=False)
-    finally:
-        model.train(was_training)
+    out = meta_forward(model, (1, *image_shape))
     logits = out[0] if isinstance(out, (tuple, list)) else out
     if isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] != num_classes:
         raise ValueError(
-            f"model: {type(model).__name__} outputs {logits.shape[1]} logits but data.num_classes={num_classes}; "
-            "size the model's head to the dataset (model.num_classes, or its last layer's out_features)"
+            f"model: {type(model).__name__} outputs {logits.shape[1]} logits but "
+            f"data.num_classes={num_classes}; size the model's head to the dataset (model.num_classes, or "
+            "its last layer's out_features)"
         )
 
 

@@ -190,7 +190,7 @@ def compare(
             "model": name,
             "image_size": size,
             "params": totals.params,
-            "gmacs": totals.flops_counter / 2 / 1e9,  # PyTorch's FlopCounterMode, one MAC per multiply-add
+            "gmacs": totals.flops_counter / 2 / 1e9,  # count_macs's figure (FlopCounterMode), same forward
             "activations_mb": totals.activations_mb,
         }
         for b in batch_sizes:

@@ -1,56 +1,59 @@
 """What a model costs, counted from the model itself: the lecture's table of it, layer by layer
 (:func:`profile_model`), and the multiply-accumulates of one forward pass (:func:`count_macs`).
 
-The library under ``cvarch-profile`` (the table), ``cvarch-compare`` (Canziani 2017's columns) and ``cvarch-train``
-(its ``params`` and ``gmacs`` metrics); it imports torch and nothing of Lightning, Hydra or plotting.
+The library under ``cvarch-profile`` (the table), ``cvarch-compare`` (Canziani 2017's columns) and
+``cvarch-train`` (its ``params`` and ``gmacs`` metrics); it imports torch and nothing of Lightning, Hydra or
+plotting.
 
-:func:`profile_model` counts the way the lecture's VGG16 table counts (Stanford CS231n 2017, lecture 9, "VGGNet"
-slide; Simonyan & Zisserman 2014 Table 1): one row per layer that computes something, with its output shape, its
-activations (the output's elements per image), its parameters with and without biases, its multiply-accumulates
-and its receptive field. The rules:
+:func:`profile_model` counts as the lecture's VGG16 table does (Stanford CS231n 2017, lecture 9, "VGGNet"
+slide; Simonyan & Zisserman 2014 Table 1): one row per layer that computes something, with its output shape,
+activations (output elements per image), parameters with and without biases, MACs and receptive field:
 
-- Rows: the input, then every leaf module that has parameters, is a convolution, linear layer or norm (the
-  lecture's AlexNet lists NORM1 and NORM2), or changes the tensor's shape, in execution order. A pool is a row
-  unless it is an identity (torchvision's ``AdaptiveAvgPool2d(7)`` on VGG's 7×7 map at 224×224 is not in the
-  lecture's table). Activations (ReLU, in place or not), dropout and identities keep the shape and hold no
-  parameters: no row, and their outputs are not counted, as in the lecture. ``nn.Flatten`` is a view: no row.
-- MACs per image: convolution ``out_numel · (in_channels / groups) · kh · kw``; linear ``out_numel ·
-  in_features``; every other layer 0 (pools and norms compare or scale, they do not multiply-accumulate, and
-  ``torch.utils.flop_counter.FlopCounterMode`` counts none of them either). Biases are not counted.
-  FLOPs = 2 · MACs, reported next to FlopCounterMode's total on the same forward.
-- Receptive field (Araujo et al. 2019, "Computing Receptive Fields of Convolutional Neural Networks", Distill,
-  eq. 1–2): every tensor carries ``(rf, jump)`` relative to the input pixel grid. A convolution or pool of
-  effective kernel ``k = dilation · (kernel − 1) + 1`` and stride ``s`` gives ``rf + (k − 1) · jump`` and
-  ``jump · s`` (the width dimension; the nets here are square). An adaptive pool from side ``n`` to ``m`` acts as
-  kernel ``⌈n/m⌉``, stride ``⌊n/m⌋``. A linear layer on a flattened ``n×n`` map sees all of it:
-  ``rf + (n − 1) · jump``. Any other operation, inside or outside a module (concatenation of Inception branches,
-  residual additions, flatten), gives its output the largest ``rf`` and ``jump`` of its tensor inputs.
-- The forward runs in eval mode on the meta device, so profiling VGG16 costs no memory and no FLOP; auxiliary
-  classifiers (GoogLeNet §5), which run only in training, have no rows, but their parameters are in the total.
-- Memory estimate of a training step, after the lecture's "~96MB / image (only forward! ~*2 for bwd)": twice the
-  forward activations including the input, in the run dtype, times the batch, plus weights, gradients and SGD
+- Rows: the input, then in execution order every leaf module that has parameters, is a convolution, linear
+  layer or norm (the lecture's AlexNet lists NORM1 and NORM2), or changes the tensor's shape. A pool is a row
+  unless it is an identity (torchvision's ``AdaptiveAvgPool2d(7)`` on VGG's 7×7 map). Activations, dropout,
+  identities and ``nn.Flatten`` (a view) are no rows, and their outputs are not counted, as in the lecture.
+- MACs: one counter, ``torch.utils.flop_counter.FlopCounterMode``, run over the whole forward; a row's MACs
+  are the FLOPs counted during its call / 2. That is ``out_numel · (in_channels / groups) · kh · kw`` for a
+  convolution, ``out_numel · in_features`` for a linear layer, 0 for pools, norms and activations; biases
+  are not counted. ``flops_counter`` is the whole forward's count: it differs from 2 · the rows' MACs only
+  by work outside any leaf module (a matmul in a ``forward``), none in the zoo.
+- Receptive field (Araujo et al. 2019, Distill, eq. 1–2): every tensor carries ``(rf, jump)`` on the input
+  pixel grid. A convolution or pool of effective kernel ``k = dilation · (kernel − 1) + 1`` and stride ``s``
+  gives ``rf + (k − 1) · jump`` and ``jump · s`` (width; the nets are square). An adaptive pool from side
+  ``n`` to ``m`` acts as kernel ``⌈n/m⌉``, stride ``⌊n/m⌋``. A linear layer on a flattened ``n×n`` map sees
+  all of it: ``rf + (n − 1) · jump``. Any other operation (concatenation, residual addition, flatten) gives
+  its output the largest ``rf`` and ``jump`` of its tensor inputs.
+- The forward runs in eval mode on the meta device (:func:`cvarch.models.meta_forward`): VGG16 costs no
+  memory and no FLOP; auxiliary classifiers (GoogLeNet §5) run only in training, so they have no rows, but
+  their parameters are in the total.
+- Training-step memory estimate, after the lecture's "~96MB / image (only forward! ~*2 for bwd)": twice the
+  forward activations with the input, in the run dtype, times the batch, plus weights, gradients and SGD
   momentum, 3 · parameters · 4 bytes (fp32).
-- Measured: the peak of the memory allocated during one forward+backward of ``batch_size`` images in train mode
-  (model dtype, no optimizer step), above what was allocated before it (weights, input). CUDA:
-  ``torch.cuda.max_memory_allocated``; CPU: the running sum of the allocation events the torch profiler records
-  with ``profile_memory=True``. Both see only tensors allocated through PyTorch's allocators.
+- Measured: the peak memory allocated during one forward+backward of ``batch_size`` images in train mode
+  (no optimizer step) above what was allocated before it. CUDA: ``torch.cuda.max_memory_allocated``; CPU:
+  the running sum of the allocation events the torch profiler records with ``profile_memory=True``.
 
 MB is 10⁶ bytes, as in the lecture's "24M · 4 bytes ≈ 96MB".
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves  # no public pytree module in torch 2.x
 from torch.utils.flop_counter import FlopCounterMode
+
+from cvarch.models import meta_forward
 
 MB = 1e6  # decimal megabytes, as the lecture's "24M * 4 bytes ~= 96MB"
 FP32_BYTES = 4
@@ -74,7 +77,7 @@ class Row:
         bytes_dtype: activation bytes in the run dtype.
         params: parameters including biases.
         params_no_bias: parameters without biases (the lecture's "params (not counting biases)").
-        macs: multiply-accumulates per image.
+        macs: multiply-accumulates per image (FlopCounterMode's FLOPs of the layer's call / 2).
         rf: receptive field side on the input, in pixels.
         jump: distance on the input between neighbouring outputs (the product of the strides).
     """
@@ -108,7 +111,7 @@ class Totals:
         macs: sum of the rows' MACs per image.
         flops: 2 · ``macs``.
         flops_counter: FlopCounterMode's FLOPs for the same forward of one image.
-        flops_diff: ``flops_counter − flops``; 0 for nets of convolutions and linear layers.
+        flops_diff: ``flops_counter − flops``: FLOPs outside any row; 0 for every net of the zoo.
         train_memory_estimate_mb: the lecture's rule for one training step of ``batch_size`` images.
         measured_peak_mb: measured peak of one forward+backward, or ``None`` when not measured.
         measured_with: what measured it.
@@ -211,42 +214,28 @@ def _is_row(module: nn.Module, x: torch.Tensor, y: torch.Tensor, window: tuple[i
     return x.shape != y.shape
 
 
-def _macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    per_out = 0
-    if isinstance(module, nn.modules.conv._ConvNd):
-        per_out = module.in_channels // module.groups * math.prod(module.kernel_size)
-    elif isinstance(module, nn.Linear):
-        per_out = module.in_features
-    return y.numel() // y.shape[0] * per_out
-
-
-def _meta_forward(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
-    """``model`` on a meta input of ``shape``, its parameters and buffers swapped for meta tensors."""
-    tensors = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
-    return functional_call(model, tensors, (torch.empty(shape, device="meta"),), strict=False)
-
-
 def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass of an input of ``shape``, as ``torch.utils.flop_counter.FlopCounterMode`` counts
-    them: two per multiply-add of convolutions, linear layers and matmuls, nothing for norms and activations.
+    """FLOPs of one forward pass of an input of ``shape``, as ``torch.utils.flop_counter.FlopCounterMode``
+    counts them: two per multiply-add of convolutions, linear layers and matmuls, none for norms and
+    activations.
 
-    The forward runs on the meta device (:func:`_meta_forward`): the count needs only the shapes, so a 224×224
-    VGG16 costs no memory and no FLOP, and a model's norm statistics are left alone.
+    The forward runs in eval mode on the meta device (:func:`cvarch.models.meta_forward`): the count needs
+    only the shapes, so a 224×224 VGG16 costs no memory and no FLOP, and norm statistics are left alone.
 
     Args:
         model: any ``nn.Module`` that accepts the input.
         shape: the input's shape, batch dimension included.
     """
     with FlopCounterMode(display=False) as counter:
-        _meta_forward(model, shape)
+        meta_forward(model, shape)
     return counter.get_total_flops()
 
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass of ``x``: PyTorch's FLOP count / 2 (conv, linear, matmul).
 
-    Canziani 2017 Fig. 2 counts operations the same way, one per multiply-add; norms and activations are left out.
-    Only ``x``'s shape is used: the forward runs on the meta device (:func:`count_flops`).
+    Canziani 2017 Fig. 2 counts one operation per multiply-add and leaves norms and activations out. Only
+    ``x``'s shape is used: the forward runs on the meta device, in eval mode (:func:`count_flops`).
 
     Args:
         model: any ``nn.Module`` that accepts ``x``.
@@ -267,17 +256,23 @@ def profile_model(
     Counting rules are in the module docstring (CS231n 2017 lecture 9, VGGNet slide).
 
     Args:
-        model: any ``nn.Module`` taking (N, C, H, W); it may live on the meta device unless ``measure_memory``.
+        model: any ``nn.Module`` taking (N, C, H, W); on the meta device too, unless ``measure_memory``.
         input_shape: (C, H, W) of one image.
         batch_size: images in the measured step and the memory estimate.
         dtype: run dtype of the ``bytes_dtype`` column and of the activations in the estimate.
         measure_memory: run one forward+backward on the model's device and measure its peak memory.
     """
     tracker = _FieldTracker()
+    counter = FlopCounterMode(display=False)
     names = {m: n for n, m in model.named_modules()}
     rows = [_row("input", "Input", tuple(input_shape), 0, 0, 0, 1, 1, dtype)]
+    flops_before: dict[nn.Module, int] = {}
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        flops_before[module] = counter.get_total_flops()
 
     def hook(module: nn.Module, args: tuple, y: Any) -> None:
+        flops = counter.get_total_flops() - flops_before.pop(module)
         if not (args and isinstance(args[0], torch.Tensor) and isinstance(y, torch.Tensor)):
             return
         x = args[0]
@@ -301,7 +296,7 @@ def profile_model(
                 tuple(y.shape[1:]),
                 sum(p.numel() for p in params.values()),
                 sum(p.numel() for n, p in params.items() if not n.endswith("bias")),
-                _macs(module, x, y),
+                flops // 2,
                 out.rf,
                 out.jump,
                 dtype,
@@ -309,22 +304,17 @@ def profile_model(
         )
 
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    model.eval()
+    handles = [m.register_forward_pre_hook(pre_hook) for m in leaves]
+    handles += [m.register_forward_hook(hook) for m in leaves]
+    x = torch.empty((1, *input_shape), device="meta")
+    tracker.set(x, _Field(1, 1, input_shape[-1]))
     try:
-        x = torch.empty((1, *input_shape), device="meta")
-        with tracker:
-            tracker.set(x, _Field(1, 1, input_shape[-1]))
-            tensors = {
-                k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()
-            }
-            y = functional_call(model, tensors, (x,), strict=False)
+        with counter, tracker:
+            y = meta_forward(model, x)
     finally:
         for h in handles:
             h.remove()
-    flops_counter = count_flops(model, (1, *input_shape))
-    model.train(was_training)
+    flops_counter = counter.get_total_flops()
 
     all_params = dict(model.named_parameters())
     n_params = sum(p.numel() for p in all_params.values())
@@ -368,6 +358,30 @@ def _row(
     return Row(
         name, type_, shape, n, n * FP32_BYTES, n * dtype.itemsize, params, params_no_bias, macs, rf, jump
     )
+
+
+def write_profile(prof: Profile, output_dir: str | Path, output: str) -> Path | None:
+    """Writes ``profile.json`` (rows and totals) or ``profile.csv`` (the rows) for ``output`` json or csv.
+
+    Returns:
+        The file written, or ``None`` for ``output=table``.
+    """
+    if output not in ("table", "json", "csv"):
+        raise ValueError(f"output={output!r} is not one of ['table', 'json', 'csv']")
+    if output == "table":
+        return None
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"profile.{output}"
+    if output == "json":
+        path.write_text(json.dumps(prof.to_dict(), indent=2) + "\n")
+    else:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[f.name for f in dataclasses.fields(Row)])
+            writer.writeheader()
+            for row in prof.rows:
+                writer.writerow({**dataclasses.asdict(row), "shape": "x".join(map(str, row.shape))})
+    return path
 
 
 def measure_step_memory(
@@ -419,9 +433,10 @@ def measure_step_memory(
 
 def _profiler_peak(prof: torch.profiler.profile) -> int:
     """Peak of the running sum of the allocations (positive) and frees (negative) the profiler recorded."""
-    # the public EventList folds allocations into the ops that made them; the event tree keeps each one, timed.
-    # No public API gives them (export_memory_timeline needs stacks and shapes and writes a file): this private
-    # one is tested on torch 2.4-2.14 (pyproject's range is >=2.4,<3); tests/test_cost.py fails if it moves.
+    # the public EventList folds allocations into the ops that made them; the event tree keeps each one,
+    # timed. No public API gives them (export_memory_timeline needs stacks and shapes and writes a
+    # file): this private one is tested on torch 2.4-2.14 (pyproject's range is >=2.4,<3);
+    # tests/test_cost.py fails if it moves.
     allocations = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

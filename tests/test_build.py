@@ -1,5 +1,5 @@
 """Builders: W&B identity of sweep jobs (group, name, tags), the CSV fallback when W&B cannot start, and the
-fast-path options (mixed precision, channels-last, torch.compile, cuDNN benchmark) against the fp32 eager run."""
+fast-path options (mixed precision, channels-last, torch.compile, cuDNN benchmark) against fp32 eager."""
 
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def test_sweep_group_is_task_and_sweep_time_unless_the_user_chose_one():
     assert sweep_group("norm_ablation", "logs/x/multiruns/t", "my-study") == "my-study"
 
 
-# --- fast-path options -----------------------------------------------------------------------------------------
-# 20 SGD steps of ResNet-20 on the real 8×8 digits: 640 training images (64 a class) = 10 full batches of 64, two
-# epochs. Full batches only (one validation and one test batch too): a smaller last batch would make
+# --- fast-path options --------------------------------------------------------------------------------------
+# 20 SGD steps of ResNet-20 on the real 8×8 digits: 640 training images (64 a class) = 10 full batches of 64,
+# two epochs. Full batches only (one validation and one test batch too): a smaller last batch would make
 # torch.compile compile a second, dynamic-shape graph, and the compile test is the slow one.
 FAST_RUN = (
     "data=digits",
@@ -87,13 +87,14 @@ FAST_RUN = (
     "+trainer.limit_test_batches=1",
 )
 STEPS = 20
-# SGD amplifies any rounding difference chaotically: a 2e-7 difference at step 0 grows to ~1e-2 within 20 steps
-# whatever its cause (measured on 2 CPU cores, seeds 0–2: max |Δloss| 0.016–0.034 for channels_last, 0.013–0.017
-# for compile, 0.034–0.046 for bf16-mixed). A run from another seed differs by 0.37–0.65, and a run that does not
-# train by more than 1 (the reference falls by at least 1.4; the fixture checks 10× this tolerance).
+# SGD amplifies any rounding difference chaotically: a 2e-7 difference at step 0 grows to ~1e-2 within 20
+# steps whatever its cause (measured on 2 CPU cores, seeds 0–2: max |Δloss| 0.016–0.034 for channels_last,
+# 0.013–0.017 for compile, 0.034–0.046 for bf16-mixed). A run from another seed differs by 0.37–0.65, and a
+# run that does not train by more than 1 (the reference falls by at least 1.4; the fixture checks 10×
+# this tolerance).
 EVERY_STEP = 0.1
 # Step 0 is the same weights on the same batch, so it isolates the option's arithmetic. fp32 in another order
-# (another conv kernel, layout or fusion): unit roundoff 2^-24 ≈ 6e-8 times the loss (≈ 2.6); measured ≤ 4.8e-7.
+# (another conv kernel, layout or fusion): unit roundoff 2^-24 ≈ 6e-8 × the loss (≈ 2.6); measured ≤ 4.8e-7.
 FP32_FIRST_STEP = 1e-5
 # bf16 keeps 8 significant bits: unit roundoff 2^-9 ≈ 2e-3, times the loss ≈ 5e-3 for one rounding; measured
 # 2.3e-3–2.8e-3. fp16 (16-mixed) keeps 11 bits and gets the same bound.
@@ -110,7 +111,7 @@ def _loss_curve(cfg) -> tuple[list[float], dict]:
 
 
 def _reference(tmp: Path, *overrides: str) -> list[float]:
-    """The fp32 eager curve; it must fall by far more than the tolerance, so a run that does not train fails."""
+    """The fp32 eager curve; it falls by far more than the tolerance, so a run that does not train fails."""
     curve, _ = _loss_curve(cvarch.compose(*tmp_overrides(tmp), *FAST_RUN, *overrides))
     assert curve[0] - max(curve[-5:]) > 10 * EVERY_STEP
     return curve
@@ -231,9 +232,9 @@ def test_every_model_config_offers_the_fast_path_options_off(path):
 
 
 # On a GPU: the same comparison against an fp32 eager CUDA run (cuDNN benchmark off), one option at a time.
-# Not measured here (no GPU on the machine that wrote these tests): the tolerances are the CPU ones, except that
-# fp32 convolutions run in TF32 by default on GPUs (torch.backends.cudnn.allow_tf32: 11 significant bits, like
-# fp16), so step 0 of the fp32 options gets the mixed-precision bound.
+# Not measured here (no GPU on the machine that wrote these tests): the tolerances are the CPU ones, except
+# that fp32 convolutions run in TF32 by default on GPUs (torch.backends.cudnn.allow_tf32: 11 significant bits,
+# like fp16), so step 0 of the fp32 options gets the mixed-precision bound.
 GPU_FP32 = ("trainer=gpu", "trainer.precision=32-true", "trainer.benchmark=false")
 GPU_OPTIONS = {
     "16-mixed": "trainer.precision=16-mixed",

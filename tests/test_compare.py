@@ -146,7 +146,7 @@ def test_the_reported_forward_time_is_the_median_of_the_timed_runs(monkeypatch):
 
 
 def test_activation_memory_is_the_profile_count():
-    from cvarch.profile import profile
+    from tests.lecture import profile
 
     row = cmp.compare(["resnet20"], **FAST)[0]
     expected = profile("model=resnet20", "data.channels=3", "data.num_classes=10", "data.image_size=32")

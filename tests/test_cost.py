@@ -1,6 +1,6 @@
-"""cvarch.cost on hand-built nets, where every count can be done by hand: receptive fields of stacked 3×3 convs,
-their parameters against one 7×7 (CS231n 2017 lecture 9), MACs per layer, FlopCounterMode's total, the measured
-memory of a training step, and the MACs cvarch-train records."""
+"""cvarch.cost on hand-built nets, where every count can be done by hand: receptive fields of stacked 3×3
+convs, their parameters against one 7×7 (CS231n 2017 lecture 9), MACs per layer, FlopCounterMode's total, the
+measured memory of a training step, and the MACs cvarch-train records."""
 
 from __future__ import annotations
 
@@ -64,6 +64,25 @@ def test_flops_equal_flop_counter_for_conv_and_linear_nets():
     assert p.row("4").rf == 9 + (14 - 1) * 2  # the linear layer sees the whole 14×14 map of rf 9, jump 2
 
 
+def test_row_macs_are_the_flop_counters_split_and_work_outside_rows_is_the_diff():
+    """One counter: a row's MACs are FlopCounterMode's count during its call / 2; a matmul in no leaf module
+    is in ``flops_counter`` only."""
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+            self.mix = nn.Parameter(torch.zeros(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1)) @ self.mix  # in Head's own forward: no row
+
+    p = profile_model(Head(), (1, 4, 4))
+    assert [(r.name, r.macs) for r in p.rows[1:]] == [("fc", 4 * 16)]
+    assert p.totals.flops_counter == 2 * (4 * 16 + 4 * 3) == count_flops(Head(), (1, 1, 4, 4))
+    assert p.totals.flops_diff == 2 * 4 * 3
+
+
 def test_measured_memory_of_a_training_step():
     model = stack(2, 8)
     p = profile_model(model, (8, 32, 32), batch_size=4, measure_memory=True)
@@ -82,8 +101,8 @@ def test_count_macs_is_the_hand_count_per_image_and_scales_with_the_batch():
 
 
 def test_count_macs_of_resnet20_equals_a_real_forward_and_leaves_the_model_alone():
-    """What cvarch-train records as ``gmacs``: counted on the meta device, the same as FlopCounterMode on a real
-    forward, with no update of the BatchNorm running statistics even in training mode."""
+    """What cvarch-train records as ``gmacs``: counted on the meta device, the same as FlopCounterMode on a
+    real forward, with no update of the BatchNorm running statistics even in training mode."""
     model = cvarch.build_model("model=resnet20", "data.channels=3", "data.num_classes=10")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     macs = count_macs(model, torch.randn(1, 3, 32, 32))

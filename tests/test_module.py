@@ -111,8 +111,8 @@ def test_named_heads_each_train_on_their_own_loss_and_get_their_own_accuracy():
 
 class LightningState(ClassificationModule):
     """Records what this module reads from public Trainer state next to what Lightning 2.6 keeps private
-    (``LoggerConnector.should_update_logs``, ``TrainingEpochLoop._num_ready_batches_reached``): the private names
-    appear in this test only, which pins the public reconstruction to them."""
+    (``LoggerConnector.should_update_logs``, ``TrainingEpochLoop._num_ready_batches_reached``): the private
+    names appear in this test only, which pins the public reconstruction to them."""
 
     def training_step(self, batch, batch_idx):
         trainer = self.trainer

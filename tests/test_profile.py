@@ -1,6 +1,6 @@
-"""cvarch.profile against the lecture's numbers (CS231n 2017 lecture 9): the VGG16 table row by row, AlexNet's
-CONV1/POOL1, the Inception module's cost, receptive fields, GoogLeNet vs AlexNet, and what the CLI writes. The
-counting rules on hand-built nets are tested in test_cost.py."""
+"""cvarch.profile against the lecture's numbers (CS231n 2017 lecture 9): the VGG16 table row by row,
+AlexNet's CONV1/POOL1, the Inception module's cost, receptive fields, GoogLeNet vs AlexNet, and what the CLI
+writes. The counting rules on hand-built nets are tested in test_cost.py."""
 
 from __future__ import annotations
 
@@ -13,16 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from cvarch.cost import Profile, Row, Totals, profile_model
-from cvarch.profile import (
-    LECTURE,
-    googlenet_alexnet_param_ratio,
-    inception_module_macs,
-    profile,
-    vgg16_activations,
-    write_profile,
-)
+from cvarch.cost import Profile, Row, Totals, profile_model, write_profile
 from tests.conftest import report
+from tests.lecture import LECTURE, googlenet_alexnet_param_ratio, inception_module_macs, profile
 from tests.test_cost import stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,13 +70,11 @@ def test_vgg16_activation_totals_are_summed_not_quoted(vgg16):
     assert t.activations == table_sum - 150_528
     assert t.activations_with_input_mb == pytest.approx(table_sum * 4 / 1e6)
     assert t.train_memory_estimate_mb == pytest.approx((2 * table_sum * 4 + 3 * 138_357_544 * 4) / 1e6)
-    summary = vgg16_activations()
-    assert summary["activations_with_input"] == table_sum
-    assert summary["lecture_activations"] == LECTURE["vgg16_activations"] == 24_000_000
+    assert LECTURE["vgg16_activations"] == 24_000_000  # quoted, not summed: the rows give 15.2M
     report(
         f"VGG16 224×224 forward activations: {t.activations_with_input:,} with input "
-        f"({t.activations_with_input_mb:.1f} MB fp32), {t.activations:,} without ({t.activations_mb:.1f} MB); "
-        f"lecture: 24M ≈ 96 MB"
+        f"({t.activations_with_input_mb:.1f} MB fp32), {t.activations:,} without "
+        f"({t.activations_mb:.1f} MB); lecture: 24M ≈ 96 MB"
     )
 
 
@@ -178,9 +169,8 @@ def test_cli_writes_json_with_the_schema(tmp_path):
 
 
 def test_default_input_is_the_models_native_size():
-    """Without data.image_size, each net is profiled at its native size (VGG16 accepts 32×32 too, but is 224)."""
-    from cvarch.profile import profile
-
+    """Without data.image_size, each net is profiled at its native size (VGG16 accepts 32×32 too, but is
+    224)."""
     sizes = {
         name: profile(f"model={name}", "data.channels=3", "measure_memory=false").totals.input_shape
         for name in ("vgg16", "alexnet", "resnet20")

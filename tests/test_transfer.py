@@ -1,4 +1,5 @@
-"""Transfer group: what each strategy loads, freezes and trains, the sources it accepts, and its clear errors."""
+"""Transfer group: what each strategy loads, freezes and trains, the sources it accepts (cvarch.sources), its
+stage probes (cvarch.probes), and its clear errors."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import cvarch
-from cvarch import transfer as transfer_module
 from cvarch.build import build_model, build_module, build_transfer
 from cvarch.config import CONFIG_DIR
 from cvarch.eval import evaluate
+from cvarch.sources import load_source
 from cvarch.train import train
-from cvarch.transfer import Transfer, frozen_eval, head_keys, load_source, stage_nodes
+from cvarch.transfer import Transfer, frozen_eval, head_keys, stage_nodes
 from tests.conftest import malicious_checkpoint, tmp_overrides
 
 FAKE = ["data=fake", "data.image_size=16", "data.train_size=64", "data.val_size=32", "data.test_size=32"]
@@ -229,19 +230,6 @@ def test_a_torchvision_weights_name_loads_from_the_hub_cache(tmp_path, compose_t
     model = build_model(cfg, image_shape=(3, 32, 32), transfer=transfer)
     assert torch.equal(model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
-
-
-def test_a_missing_torchvision_weights_file_offline_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    with pytest.raises(
-        FileNotFoundError, match=r"resnet18-f37072fd\.pth is not in the torch hub cache.*put "
-    ):
-        load_source("IMAGENET1K_V1", arch="resnet18", download=False)
-    monkeypatch.setattr(transfer_module, "_reachable", lambda url, timeout=10.0: False)  # offline
-    with pytest.raises(FileNotFoundError, match=r"cannot be downloaded; put https://download\.pytorch\.org"):
-        load_source("ResNet18_Weights.IMAGENET1K_V1", download=True)
-    with pytest.raises(ValueError, match=r"not a torchvision weights name for transfer\.arch='resnet20'"):
-        load_source("IMAGENET1K_V1", arch="resnet20")
 
 
 def test_a_source_of_another_architecture_lists_the_mismatched_keys(tmp_path, compose_tmp):

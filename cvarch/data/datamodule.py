@@ -33,10 +33,10 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: images per optimizer step, over all processes (under DDP each loads batch_size ÷ world).
         num_workers: DataLoader worker processes of the streaming path (in-memory splits need none); ``None``
             means one per CPU core.
-        pin_memory: gather host batches into page-locked memory; ``None`` means "when the Trainer's device is a
-            GPU and the data stays on the host".
-        on_device: hold the splits on the Trainer's accelerator: ``True``, ``False``, or ``"auto"`` (when it is
-            a GPU and the splits take at most half of its free memory).
+        pin_memory: gather host batches into page-locked memory; ``None`` means "when the Trainer's device is
+            a GPU and the data stays on the host".
+        on_device: hold the splits on the Trainer's accelerator: ``True``, ``False``, or ``"auto"`` (when it
+            is a GPU and the splits take at most half of its free memory).
         cache_dir: folder of the decoded-tensor cache.
     """
 
@@ -102,11 +102,13 @@ class ImageDataModule(pl.LightningDataModule):
                 raise TypeError(f"{type(self).__name__}: split {name!r} must be uint8 or float (N, C, H, W)")
             if split.images.shape[1] != self.channels:
                 raise ValueError(
-                    f"data.channels={self.channels} but the {name} images have {split.images.shape[1]} channels"
+                    f"data.channels={self.channels} but the {name} images have "
+                    f"{split.images.shape[1]} channels"
                 )
             if len(split) and int(split.targets.max()) >= self.num_classes:
                 raise ValueError(
-                    f"data.num_classes={self.num_classes} but the {name} split has label {int(split.targets.max())}"
+                    f"data.num_classes={self.num_classes} but the {name} split has label "
+                    f"{int(split.targets.max())}"
                 )
         # subsampled after the cache, so that every train_per_class reads the one cache file of the full data
         if self.train_per_class is not None:
@@ -160,12 +162,12 @@ class ImageDataModule(pl.LightningDataModule):
         return train.images
 
     def world(self) -> tuple[int, int]:
-        """``(world size, global rank)`` of the Trainer that loads from this module; ``(1, 0)`` without one."""
+        """``(world size, global rank)`` of the Trainer loading from this module; ``(1, 0)`` without one."""
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def device(self) -> torch.device:
-        """The device of the Trainer that loads from this module (its root device under DDP); CPU without one."""
+        """The device of the Trainer loading from this module (root device under DDP); CPU without one."""
         strategy = getattr(self.trainer, "strategy", None)
         return strategy.root_device if strategy is not None else torch.device("cpu")
 
@@ -186,8 +188,8 @@ class ImageDataModule(pl.LightningDataModule):
         """The batches of one split (``train``, ``val`` or ``test``) for this process.
 
         ``batch_size`` is the global batch: under DDP each of the ``world`` processes loads ``batch_size ÷
-        world`` (and a ``world``-th of the evaluation splits). The training order is a function of the seed and
-        the epoch alone (a seeded ``DistributedSampler``, also with one process), so one process and N
+        world`` (and a ``world``-th of the evaluation splits). The training order is a function of the seed
+        and the epoch alone (a seeded ``DistributedSampler``, also with one process), so one process and N
         processes see the same global batches, and runs that differ in anything but the seed (init, norm,
         model) see the same data order. In-memory splits give a :class:`BatchLoader`; streamed ones a
         DataLoader whose workers decode the files.

@@ -1,12 +1,15 @@
 """The ``model`` group: one file per architecture family; variants are YAML data in ``conf/model/``.
 
-:func:`check_input_size` is the build-time guard every model gets: an input too small for an architecture is a
-``ValueError`` naming the layer where the spatial size collapses, never a shape error mid-training.
+:func:`check_input_size` is the build-time guard every model gets: an input too small for an architecture
+is a ``ValueError`` naming the layer where the spatial size collapses, never a shape error mid-training.
+:func:`meta_forward` is the shapes-only forward that it, the head check, the cost counters and the stage
+probes share.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,11 +19,31 @@ if TYPE_CHECKING:  # only a type hint: a model file imports torch and nothing of
     from omegaconf import DictConfig
 
 
-def _probe(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, str] | None:
-    """Runs ``model`` on a meta-device input of ``shape``; returns ``(failing layer, error)``, or ``None``.
+def meta_forward(model: nn.Module, x: torch.Tensor | Sequence[int]) -> Any:
+    """``model``'s output on a meta-device input, in eval mode: shapes only, no memory, no FLOP.
 
-    Parameters and buffers are swapped for meta tensors, so no memory is used and no FLOP is spent.
+    Parameters and buffers are swapped for meta tensors (``torch.func.functional_call``), so the model's
+    own tensors and its norm statistics are left alone, and its train/eval mode is restored afterwards.
+    Forward hooks run as in a real forward.
+
+    Args:
+        model: any ``nn.Module``, on any device (the meta device included).
+        x: the input, batch dimension included: a shape, or a tensor whose meta copy is passed (a meta
+            tensor is passed as itself).
     """
+    x = x.to("meta") if isinstance(x, torch.Tensor) else torch.empty(tuple(x), device="meta")
+    tensors = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
+    was_training = model.training
+    model.eval()
+    try:
+        return functional_call(model, tensors, (x,), strict=False)
+    finally:
+        model.train(was_training)
+
+
+def _probe(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, str] | None:
+    """Runs ``model`` on a meta-device input of ``shape`` (:func:`meta_forward`); returns ``(failing layer,
+    error)``, or ``None``."""
     names = {m: n or type(model).__name__ for n, m in model.named_modules()}
     stack: list[str] = []
     failed: list[str] = []
@@ -36,18 +59,14 @@ def _probe(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, str] | None:
 
     hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
     hooks += [m.register_forward_hook(leave) for m in model.modules()]
-    tensors = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict(keep_vars=True).items()}
-    was_training = model.training
-    model.eval()
     try:
-        functional_call(model, tensors, (torch.empty(shape, device="meta"),), strict=False)
+        meta_forward(model, shape)
         return None
     except _Collapsed:
         return failed[-1], "spatial size 0"
     except RuntimeError as err:
         return (stack[-1] if stack else type(model).__name__), str(err).splitlines()[0]
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
 
@@ -110,9 +129,9 @@ def check_input_size(model: nn.Module, image_shape: tuple[int, int, int]) -> Non
 
 IMAGENET_SIZE = 224  # He 2015, Simonyan 2014, Szegedy 2014, Huang 2017, Iandola 2016: 224×224 crops
 CIFAR_SIZE = 32
-# Native size when a model config does not fix one itself (``image_size``, the lecture AlexNet's 227): CIFAR nets
-# say ``stem: cifar``; FractalNet (Larsson 2017 §4) is CIFAR-only and has no stem key; every other family is an
-# ImageNet net. Kept in step with conf/model/*.yaml's header comments and tests/models/test_configs.py.
+# Native size when a model config does not fix one itself (``image_size``, the lecture AlexNet's 227): CIFAR
+# nets say ``stem: cifar``; FractalNet (Larsson 2017 §4) is CIFAR-only and has no stem key; every other family
+# is an ImageNet net. Kept in step with conf/model/*.yaml's header comments and tests/models/test_configs.py.
 CIFAR_TARGETS = ("cvarch.models.fractalnet.FractalNet",)
 
 
