@@ -220,18 +220,13 @@ class RawLoop:
 
     def __init__(self, overrides: Sequence[str], device: torch.device) -> None:
         import cvarch
-        from cvarch.build import build_augment, build_datamodule
-        from cvarch.build import instantiate as build
+        from cvarch.build import build_inputs
 
         cfg = cvarch.compose(*overrides)
         self.cfg = cfg
-        self.datamodule = build_datamodule(cfg)
-        self.datamodule.setup("fit")
+        self.datamodule, self.preprocess, self.augment = build_inputs(cfg)  # as cvarch-train builds them
         self.device = device
-        self.preprocess = build(cfg.preprocess)
-        self.preprocess.fit(self.datamodule.train_images)
-        self.augment = build_augment(cfg)
-        self.augment.fit(self.datamodule.train_images)
+        self.augment.fit(self.datamodule.train_images)  # what the LightningModule's setup does
         self.preprocess.to(device)
         self.augment.to(device)
         self.shape = self.augment.output_shape(self.datamodule.image_shape)

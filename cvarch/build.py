@@ -35,8 +35,8 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, but an error raised by cvarch's own code (whose message already names its
     config key) comes out as itself, not wrapped in Hydra's InstantiationException.
 
-    The node is trusted, as in any Hydra app: it comes from the user's command line, config files or Python, or
-    from a received file that :func:`cvarch.config.check_received` has let through."""
+    The node is trusted, as in any Hydra app: it comes from the user's command line, config files or Python,
+    or from a received file that :func:`cvarch.config.check_received` has let through."""
     try:
         return hydra_instantiate(node, *args, **kwargs)
     except InstantiationException as err:
@@ -50,8 +50,8 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def build_transfer(cfg: DictConfig) -> Transfer:
-    """The ``transfer`` group's strategy; configs of cvarch versions before the group had options (a partial of
-    ``apply_transfer``) and configs without one train from scratch."""
+    """The ``transfer`` group's strategy; configs of cvarch versions before the group had options (a partial
+    of ``apply_transfer``) and configs without one train from scratch."""
     node = cfg.get("transfer")
     if not node or node.get("_target_") != "cvarch.transfer.Transfer":
         return Transfer()
@@ -165,7 +165,7 @@ def build_from_checkpoint(
     image_shape: tuple[int, int, int],
     tta: DictConfig | None = None,
 ) -> ClassificationModule:
-    """Rebuilds a checkpoint's module (model, fitted preprocess, norm statistics) for images of ``image_shape``.
+    """Rebuilds a checkpoint's module (model, fitted preprocess, norm statistics) for ``image_shape`` images.
 
     Args:
         ckpt: the loaded checkpoint (:func:`cvarch.checkpoint.load_trained`, which has checked ``run_cfg``).
@@ -190,8 +190,9 @@ def build_datamodule(cfg: DictConfig) -> ImageDataModule:
 
 
 def build_augment(cfg: DictConfig) -> Augment:
-    """The ``augment`` group's pipeline. Configs without one, and checkpoints of cvarch versions whose ``augment``
-    was a per-image ``transforms`` list, get the identity (their runs trained on uncropped images)."""
+    """The ``augment`` group's pipeline. Configs without one, and checkpoints of cvarch versions whose
+    ``augment`` was a per-image ``transforms`` list, get the identity (their runs trained on uncropped
+    images)."""
     node = cfg.get("augment")
     return instantiate(node) if node and "ops" in node else Augment()
 
@@ -200,8 +201,9 @@ def build_inputs(
     cfg: DictConfig, preprocess_state: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[ImageDataModule, nn.Module, Augment]:
     """The datamodule (set up for fit), the preprocess fitted on the training split (or loaded from
-    ``preprocess_state``: a transfer source's statistics) and the augment pipeline, as a training run gets them.
-    The augment group's statistics are fitted by the LightningModule's ``setup`` (again on every resume)."""
+    ``preprocess_state``: a transfer source's statistics) and the augment pipeline, as a training run gets
+    them. The augment group's statistics are fitted by the LightningModule's ``setup`` (again on every
+    resume)."""
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -221,8 +223,8 @@ def build_module(
     tta: DictConfig | None = None,
     transfer: Transfer | None = None,
 ) -> ClassificationModule:
-    """Wraps ``model`` with the loss, metrics, preprocess, augment, test-time views, regularizer, optimizer and
-    scheduler of ``cfg``.
+    """Wraps ``model`` with the loss, metrics, preprocess, augment, test-time views, regularizer, optimizer
+    and scheduler of ``cfg``.
 
     Args:
         cfg: a composed run config.
@@ -258,8 +260,8 @@ def build_module(
 
 
 def build_all(node: DictConfig | None, **kwargs: Any) -> list[Any]:
-    """Instantiates every ``_target_`` entry of a dict-of-objects group (``logger``, ``callbacks``); ``kwargs``
-    maps an entry's name to extra arguments for it."""
+    """Instantiates every ``_target_`` entry of a dict-of-objects group (``logger``, ``callbacks``);
+    ``kwargs`` maps an entry's name to extra arguments for it."""
     if not node:
         return []
     return [
@@ -286,7 +288,8 @@ def swept_keys(sweep_dir: Path) -> list[str]:
 
 def sweep_group(task_name: str, sweep_dir: str | Path, configured: str | None = None) -> str:
     """The W&B group of a sweep's jobs: ``<task_name>/<sweep folder>`` (its start time), unless the user
-    configured a group other than the default ``task_name``. ``cvarch-report`` puts its run in the same one."""
+    configured a group other than the default ``task_name``. ``cvarch-report`` puts its run in the same
+    one."""
     return configured if configured not in (None, task_name) else f"{task_name}/{Path(sweep_dir).name}"
 
 

@@ -227,17 +227,17 @@ def newest_hint(cfg: DictConfig, missing: Path) -> str:
     return f" (the newest run of task {task} with one: {newest.parents[1]})"
 
 
-def check_classes(ckpt: dict[str, Any], path: str | Path, num_classes: int) -> None:
+def check_classes(ckpt: dict[str, Any], path: str | Path, num_classes: int, key: str = "ckpt_path") -> None:
     """Refuses a checkpoint whose model was trained for another number of classes than the data has.
 
     Raises:
-        ValueError: naming ``ckpt_path``, the file and both counts.
+        ValueError: naming ``key`` (the option that pointed at it), the file and both counts.
     """
     saved = ckpt.get("hyper_parameters") or {}  # a model without num_classes was sized to its data
     trained = (saved.get("model") or {}).get("num_classes") or (saved.get("data") or {}).get("num_classes")
     if trained is not None and trained != num_classes:
         raise ValueError(
-            f"ckpt_path: {path} was trained for {trained} classes but this run's data has {num_classes} "
+            f"{key}: {path} was trained for {trained} classes but this run's data has {num_classes} "
             f"(data.num_classes); use the dataset it was trained on, or start a new run from its weights "
             "with transfer.source=<checkpoint>, which replaces the classifier"
         )

@@ -1,4 +1,4 @@
-"""``cvarch-compare models=[…]``: accuracy, parameters, operations, memory and speed of several models side by side.
+"""``cvarch-compare models=[…]``: accuracy, parameters, operations, memory and speed of models side by side.
 
 Canziani, Paszke & Culurciello 2017, "An Analysis of Deep Neural Network Models for Practical Applications"
 (arXiv:1605.07678): Fig. 2 (top-1 against operations, bubble size ∝ parameters) and Fig. 3 (forward time
@@ -94,10 +94,10 @@ def train_images_per_s(
 def read_top1(results: str | Path) -> dict[str, float]:
     """Top-1 accuracy in % per model name, from a CSV of published figures or a folder of cvarch-train runs.
 
-    A CSV needs the columns ``model`` and ``top1`` (in %, as papers and Canziani 2017 Table 1 give it). A folder
-    is searched for run folders at any depth (:func:`cvarch.runs.find_jobs`); each finished run's model is the
-    ``model`` choice recorded in its ``.hydra/hydra.yaml``, and ``test/acc`` is averaged over the runs (seeds) of
-    each model.
+    A CSV needs the columns ``model`` and ``top1`` (in %, as papers and Canziani 2017 Table 1 give it). A
+    folder is searched for run folders at any depth (:func:`cvarch.runs.find_jobs`); each finished run's model
+    is the ``model`` choice recorded in its ``.hydra/hydra.yaml``, and ``test/acc`` is averaged over the runs
+    (seeds) of each model.
 
     Args:
         results: path to the CSV file or to the folder.
@@ -131,7 +131,8 @@ def read_top1(results: str | Path) -> dict[str, float]:
 
 def _model_config(*overrides: str) -> DictConfig:
     """``cvarch.compose`` of the train config; inside ``cvarch-compare``'s own ``@hydra.main``, where Hydra is
-    already initialized on the same conf/ folder and a second initialization is refused, that instance composes."""
+    already initialized on the same conf/ folder and a second initialization is refused, that instance
+    composes."""
     if GlobalHydra.instance().is_initialized():
         return hydra.compose(config_name="train", overrides=list(overrides))
     return compose(*overrides)
@@ -155,7 +156,8 @@ def compare(
         batch_sizes: images per timed forward pass.
         repeats: timed forward passes per batch size; the median is reported.
         warmup: untimed passes (and training steps) before timing.
-        train_steps: timed SGD steps for training images/s, at the largest batch size ≤ 32 (else the smallest).
+        train_steps: timed SGD steps for training images/s, at the largest batch size ≤ 32 (else the
+            smallest).
         num_classes: classifier outputs.
         image_size: square input side for every model; ``None`` = each model's :func:`native_size`.
         results: CSV or run folder for the top-1 column (:func:`read_top1`); ``None`` leaves it empty.
@@ -324,7 +326,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     (Figs 2 and 3) to the run directory, prints a table, and logs them to W&B when ``logger=wandb``.
 
     Args:
-        cfg: the ``compare`` root config (from ``@hydra.main`` or ``cvarch.compose(..., config_name="compare")``).
+        cfg: the ``compare`` root config (from ``@hydra.main`` or
+            ``cvarch.compose(..., config_name="compare")``).
 
     Returns:
         The rows of :func:`compare`.

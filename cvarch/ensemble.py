@@ -78,7 +78,7 @@ def predict(
     """
     ckpt, run_cfg = load_trained(ckpt_path, trust, key="runs")
     data_cfg = OmegaConf.create(OmegaConf.to_container(data if data else run_cfg.data, resolve=True))
-    check_classes(ckpt, ckpt_path, data_cfg.num_classes)
+    check_classes(ckpt, ckpt_path, data_cfg.num_classes, key="runs")
     datamodule = build_datamodule(OmegaConf.create({"data": data_cfg}))
     datamodule.setup("test")
     module = build_from_checkpoint(ckpt, run_cfg, datamodule.image_shape, tta=tta).to(device).eval()
@@ -91,9 +91,11 @@ def predict(
 
 
 def topk_accuracy(probs: torch.Tensor, targets: torch.Tensor, k: int) -> float:
-    """Share of rows whose target is among the ``k`` largest probabilities."""
-    k = min(k, probs.shape[1])
-    return (probs.topk(k, dim=1).indices == targets[:, None]).any(dim=1).float().mean().item()
+    """Share of rows whose target is among the ``k`` largest probabilities (torchmetrics' top-k accuracy)."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    classes = probs.shape[1]
+    return multiclass_accuracy(probs, targets, classes, top_k=min(k, classes), average="micro").item()
 
 
 def ensemble(

@@ -33,17 +33,18 @@ class ClassificationModule(pl.LightningModule):
     Args:
         model: the network.
         num_classes: classes of the task (for the accuracy metrics).
-        optimizer: ``torch.optim`` partial (the ``optimizer`` group), completed with the parameter groups here.
-        scheduler: ``torch.optim.lr_scheduler`` partial (the ``scheduler`` group), or ``None``. A ``total_steps``
-            parameter left unset is filled with the run's scheduler steps (OneCycle, cosine).
+        optimizer: ``torch.optim`` partial (the ``optimizer`` group), completed with the parameter groups
+            here.
+        scheduler: ``torch.optim.lr_scheduler`` partial (the ``scheduler`` group), or ``None``. A
+            ``total_steps`` parameter left unset is filled with the run's scheduler steps (OneCycle, cosine).
         scheduler_options: Lightning's lr-scheduler dict entries (``monitor``, ``interval``, ``frequency``).
         optimizer_groups: the optimizer group's ``groups`` keys (``decay_norm_bias``, ``lr_mult``), see
             :func:`cvarch.optimizer.param_groups`.
         preprocess: uint8 → float input transform (the ``preprocess`` group), fitted on the training split.
         augment: batched training augmentation (the ``augment`` group), run on the device on training batches
             only; it may crop, and may turn labels into soft targets (mixup, cutmix).
-        tta: test-time views (the ``tta`` group): validation and ``test/acc`` use its center view (the training
-            crop size), ``test/acc_tta`` averages the softmax over all its views.
+        tta: test-time views (the ``tta`` group): validation and ``test/acc`` use its center view (the
+            training crop size), ``test/acc_tta`` averages the softmax over all its views.
         regularizer: explicit penalty added to the loss (the ``regularizer`` group).
         label_smoothing: cross-entropy label smoothing ε (Szegedy et al. 2016 §7: 0.1).
         aux_weight: weight of each auxiliary classifier's loss when the model returns ``(logits, *aux)`` in
@@ -114,7 +115,8 @@ class ClassificationModule(pl.LightningModule):
         return self
 
     def on_train_epoch_start(self) -> None:
-        # Lightning 2.6 never calls train() itself: it keeps (and restores after validation) each module's mode
+        # Lightning 2.6 never calls train() itself: it keeps (and restores after validation) each
+        # module's mode
         frozen_eval(self.model)
         self._train_acc_logged = False
         self._batch_idx = -1
@@ -158,9 +160,9 @@ class ClassificationModule(pl.LightningModule):
         self._rng_state_to_restore = checkpoint.get("rng_state")
 
     def _pending_plateau_steps(self) -> list[float]:
-        """The metrics of the epoch-end ``ReduceLROnPlateau`` steps Lightning has yet to take when a checkpoint
-        is written: it saves at validation end and steps plateau schedulers after it, so a resumed run would
-        otherwise skip one step (Lightning 2.6 ``fit_loop.on_advance_end``)."""
+        """The metrics of the epoch-end ``ReduceLROnPlateau`` steps Lightning has yet to take when a
+        checkpoint is written: it saves at validation end and steps plateau schedulers after it, so a resumed
+        run would otherwise skip one step (Lightning 2.6 ``fit_loop.on_advance_end``)."""
         trainer = self.trainer
         if not trainer.training or not self._epoch_done():
             return []
@@ -225,7 +227,8 @@ class ClassificationModule(pl.LightningModule):
         """Whether Lightning sends this step's on-step values to the loggers; True outside a Trainer.
 
         Lightning 2.6's ``LoggerConnector.should_update_logs``, from public Trainer state: every
-        ``log_every_n_steps`` batches that stepped (``global_step`` with one optimizer), and when the run stops.
+        ``log_every_n_steps`` batches that stepped (``global_step`` with one optimizer), and when the run
+        stops.
         """
         if self._trainer is None:
             return True
@@ -312,8 +315,8 @@ class ClassificationModule(pl.LightningModule):
 
 
 def _argument(factory: Callable[..., Any], name: str) -> Any:
-    """The value a ``functools.partial`` (a ``_partial_: true`` config) will pass for ``name``: its own keyword,
-    else the target's default, else ``None``."""
+    """The value a ``functools.partial`` (a ``_partial_: true`` config) will pass for ``name``: its own
+    keyword, else the target's default, else ``None``."""
     keywords = getattr(factory, "keywords", {})
     if name in keywords:
         return keywords[name]

@@ -48,8 +48,8 @@ STAGE_METRIC = re.compile(r"(val|test)/acc_stage\d+")  # transfer=stage_probes: 
 
 def finished_run(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     """The metrics of a run that already finished in ``output_dir`` with this config (``resume`` and
-    ``ckpt_path`` aside), else ``None``: re-running a sweep with the same ``hydra.sweep.dir`` and overrides skips
-    its finished jobs."""
+    ``ckpt_path`` aside), else ``None``: re-running a sweep with the same ``hydra.sweep.dir`` and overrides
+    skips its finished jobs."""
     metrics_file, config_file = output_dir / "metrics.json", output_dir / "config.yaml"
     if not (metrics_file.is_file() and config_file.is_file()):
         return None
@@ -62,8 +62,8 @@ def finished_run(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def _job_config(cfg: DictConfig) -> str:
-    """The config as a sweep job is identified: how it was (re)started (``resume``, ``ckpt_path``) and what the
-    invocation trusted (``trust``) left out."""
+    """The config as a sweep job is identified: how it was (re)started (``resume``, ``ckpt_path``) and what
+    the invocation trusted (``trust``) left out."""
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("resume", "ckpt_path", "trust")])
     return OmegaConf.to_yaml(job)
 
@@ -99,9 +99,9 @@ def finish_loggers(trainer: pl.Trainer) -> None:
 
 
 def job_threads(cfg: DictConfig) -> int | None:
-    """Torch threads for this job: ``threads`` if set, else the cores shared among the launcher's parallel jobs
-    (``hydra/launcher=joblib``'s ``n_jobs``; -1 means one job per core), so parallel jobs do not oversubscribe
-    the CPU. ``None`` keeps torch's default (one job at a time)."""
+    """Torch threads for this job: ``threads`` if set, else the cores shared among the launcher's parallel
+    jobs (``hydra/launcher=joblib``'s ``n_jobs``; -1 means one job per core), so parallel jobs do not
+    oversubscribe the CPU. ``None`` keeps torch's default (one job at a time)."""
     if cfg.get("threads"):
         return int(cfg.threads)
     try:
@@ -115,10 +115,10 @@ def job_threads(cfg: DictConfig) -> int | None:
 
 
 def check_launch(cfg: DictConfig) -> None:
-    """Makes DDP safe inside a local multirun, before any work: Lightning's ``ddp`` launcher re-runs the command
-    line in each new process, which in a multirun (``-m``) would start the whole sweep again in each. There
-    ``trainer.strategy=ddp`` becomes ``ddp_spawn`` (the same algorithm; the processes are spawned inside the
-    job), with a warning, and the run's config.yaml records it.
+    """Makes DDP safe inside a local multirun, before any work: Lightning's ``ddp`` launcher re-runs the
+    command line in each new process, which in a multirun (``-m``) would start the whole sweep again in each.
+    There ``trainer.strategy=ddp`` becomes ``ddp_spawn`` (the same algorithm; the processes are spawned inside
+    the job), with a warning, and the run's config.yaml records it.
 
     Processes started from outside (torchrun, ``srun``, the submitit SLURM launcher) are left alone: Lightning
     then starts none itself. In a single run they get a warning unless ``hydra.run.dir`` is given, since the
@@ -236,7 +236,7 @@ def configure(cfg: DictConfig) -> None:
 
 
 def make_run_dir(cfg: DictConfig, trainer: pl.Trainer) -> Path:
-    """Creates the run directory and writes config.yaml there (rank 0 only: DDP's other processes share it)."""
+    """Creates the run directory and writes config.yaml there (rank 0 only: DDP's other ranks share it)."""
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         try:

@@ -1,4 +1,4 @@
-"""Shared fixtures: configs composed into a temporary folder, tiny image trees, and the real CIFAR-10 folder."""
+"""Shared fixtures: configs composed into a temporary folder, tiny image trees, the real CIFAR-10 folder."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def compose_tmp(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Runs a console script of this venv (``cvarch-train``, ``cvarch-eval``) and returns the CompletedProcess."""
+    """Runs a console script of this venv (``cvarch-train``, ``cvarch-eval``); returns a CompletedProcess."""
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]],
         cwd=cwd or ROOT,
@@ -96,12 +96,27 @@ def cifar_root() -> Path:
 
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
-    """One real ``cvarch-train`` run of the default config (what ``make train`` runs), shared by several tests."""
+    """One real ``cvarch-train`` run of the default config (what ``make train`` runs), shared by tests."""
     tmp = tmp_path_factory.mktemp("default_run")
     proc = run_cli("cvarch-train", *tmp_overrides(tmp))
     assert proc.returncode == 0, proc.stderr[-4000:]
     output_dir = Path(proc.stdout.strip().splitlines()[-1])
     return {"proc": proc, "output_dir": output_dir, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny trained run, in-process: a one-layer MLP on digits, one epoch, no logger. Its folder holds
+    ``config.yaml``, ``metrics.json`` and ``checkpoints/{best,last}.ckpt``; tests copy it before changing
+    it."""
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    cvarch.train(
+        cvarch.compose(
+            f"hydra.run.dir={run}", f"paths.cache_dir={run.parent}/cache", "logger=none", "model=mlp",
+            "model.depth=1", "model.width=16", "trainer.max_epochs=1", "data.train_per_class=3",
+        )
+    )  # fmt: skip
+    return run
 
 
 def pytest_configure(config):
@@ -117,7 +132,8 @@ SLOW_FIXTURES = {"default_run"}  # a test that uses one of these is slow: `make 
 
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n 2 --dist loadgroup``, the tests that share an expensive session- or module-scoped
-    fixture (a trained run, a built model) go to one worker, so the fixture is set up once, not once per worker."""
+    fixture (a trained run, a built model) go to one worker, so the fixture is set up once, not once per
+    worker."""
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
@@ -135,7 +151,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def report(line: str) -> None:
-    """Records a measured figure; the list is printed at the end of the pytest run (from every xdist worker)."""
+    """Records a measured figure; the list is printed when the pytest run ends (from every xdist worker)."""
     with open(os.environ["CVARCH_TEST_FIGURES"], "a") as figures:
         figures.write(line.replace("\n", " ") + "\n")
 
@@ -153,7 +169,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 class _Payload:
-    """Unpickling this calls ``open(path, "w")``: the file appears only if the pickle was allowed to run code."""
+    """Unpickling this calls ``open(path, "w")``: the file appears only if the pickle may run code."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -163,7 +179,7 @@ class _Payload:
 
 
 def malicious_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
-    """``(checkpoint, marker)``: a checkpoint-shaped pickle whose loading with code allowed creates ``marker``."""
+    """``(checkpoint, marker)``: a checkpoint-shaped pickle; loading it with code allowed makes ``marker``."""
     path, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
     torch.save({"state_dict": {}, "hyper_parameters": {"model": {}}, "payload": _Payload(marker)}, path)
     return path, marker

@@ -1,5 +1,7 @@
-"""cvarch-compare (Canziani et al. 2017 style): what it counts is checked against independent counts, what it times
-only for being positive medians, and what it writes for being complete, readable files."""
+"""cvarch-compare (Canziani et al. 2017 style): its counts, timings and written files.
+
+What it counts is checked against independent counts, what it times only for being positive medians, and what
+it writes for being complete, readable files."""
 
 from __future__ import annotations
 

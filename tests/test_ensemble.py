@@ -88,3 +88,13 @@ def test_run_dirs_names_a_multirun_folder_whose_jobs_all_failed(tmp_path):
         FileNotFoundError, match=rf"runs: none of the 2 jobs of the multirun directory {tmp_path}"
     ):
         run_dirs(tmp_path)
+
+
+def test_an_ensemble_on_data_with_another_number_of_classes_is_refused_naming_both(tiny_run):
+    import cvarch
+
+    fake = cvarch.compose("data=fake", "data.num_classes=4").data
+    with pytest.raises(
+        ValueError, match=r"runs: .*\.ckpt was trained for 10 classes but this run's data has 4"
+    ):
+        ensemble([tiny_run], data=fake)

@@ -58,11 +58,10 @@ def test_a_checkpoint_whose_unpickling_would_run_code_is_refused_and_nothing_run
     assert not marker.exists()
 
 
-def test_eval_on_data_with_another_number_of_classes_is_refused_naming_both(tmp_path):
-    run = tmp_path / "run"
-    cvarch.train(cvarch.compose(f"hydra.run.dir={run}", f"paths.cache_dir={tmp_path}/cache", "logger=none",
-                                "trainer.max_epochs=1", "data.train_per_class=3"))  # fmt: skip
-    cfg = cvarch.compose(f"ckpt_path={run}/checkpoints/last.ckpt", "data=fake", "data.num_classes=4",
-                         f"paths.log_dir={tmp_path}", config_name="eval")  # fmt: skip
-    with pytest.raises(ValueError, match=r"last.ckpt was trained for 10 classes but this run's data has 4"):
+def test_eval_on_data_with_another_number_of_classes_is_refused_naming_both(tiny_run, tmp_path):
+    cfg = eval_cfg(f"ckpt_path={tiny_run}/checkpoints/last.ckpt", "data=fake", "data.num_classes=4",
+                   f"paths.log_dir={tmp_path}")  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"ckpt_path: .*last.ckpt was trained for 10 classes but this run's data has 4"
+    ):
         evaluate(cfg)

@@ -1,4 +1,4 @@
-"""cvarch-train end to end: the default run's accuracy, its run directory, W&B offline logs, sweeps, resume."""
+"""cvarch-train end to end: the default run's accuracy, run directory, W&B offline logs, sweeps, resume."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def test_default_make_train_run_reaches_95_percent_on_digits(default_run):
     assert default_run["proc"].stdout.strip().splitlines()[-1] == str(out)  # last line: the run directory
     metrics = json.loads((out / "metrics.json").read_text())
     report(
-        f"make train (default config, digits, resnet20, {metrics['epochs']} epochs) on {os.cpu_count()} CPU cores "
+        f"make train (default config, digits, resnet20, {metrics['epochs']} epochs) "
+        f"on {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}): test/acc={metrics['test/acc']:.4f}, "
         f"val/acc={metrics['val/acc']:.4f}, wall {metrics['wall_s']:.1f} s"
     )
@@ -151,7 +152,7 @@ def test_bad_data_root_fails_before_any_training(compose_tmp, tmp_path):
 
 
 class StateProbe(pl.Callback):
-    """Records the optimizer, scheduler and augmentation RNG state a run ends with, and starts training with."""
+    """Records the optimizer, scheduler and augment RNG state a run ends with, and starts training with."""
 
     seen: dict = {}
 
@@ -418,7 +419,7 @@ def test_debug_anomaly_turns_on_autograd_anomaly_detection(compose_tmp):
 
 
 def _finite_checkpoints(checkpoints: Path) -> dict[str, int]:
-    """``{name: epoch}`` of the checkpoints in a folder, each loaded with weights_only=True and checked finite."""
+    """``{name: epoch}`` of a folder's checkpoints, each loaded with weights_only=True and checked finite."""
     epochs = {}
     for path in checkpoints.glob("*.ckpt"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -520,9 +521,9 @@ def test_soak_200_runs_in_one_process_leak_no_memory_files_or_threads(tmp_path):
     # the default callbacks (checkpoints, learning-curve PNG, confusion matrix, rich progress bar) and a CSV
     # logger: what holds files, figures and threads; a one-layer MLP keeps each run at a fraction of a second.
     # One compose, then each run gets its own seed and folder.
-    base = cvarch.compose(*tmp_overrides(tmp_path), "logger=csv", "model=mlp", "model.depth=1", "model.width=16",
-                          "trainer.max_epochs=1", "data.train_per_class=3", "+trainer.limit_val_batches=1",
-                          "+trainer.limit_test_batches=1")  # fmt: skip
+    base = cvarch.compose(*tmp_overrides(tmp_path), "logger=csv", "model=mlp", "model.depth=1",
+                          "model.width=16", "trainer.max_epochs=1", "data.train_per_class=3",
+                          "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1")  # fmt: skip
     seen = []
     for i in range(SOAK_RUNS):
         cfg = copy.deepcopy(base)
@@ -550,7 +551,8 @@ def test_a_joblib_multirun_of_20_jobs_at_2_parallel_gives_20_results_and_resumes
     sweep = tmp_path / "sweep"
     args = ("cvarch-train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=range(20)",
             f"hydra.sweep.dir={sweep}", "logger=none", "trainer.max_epochs=1", "data.train_per_class=3",
-            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", *tmp_overrides(tmp_path))  # fmt: skip
+            "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+            *tmp_overrides(tmp_path))  # fmt: skip
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}

@@ -1,8 +1,10 @@
-"""Every model config builds through the public API at its native input size (the build-time input check runs
-there, on the meta device) and trains: forward and backward on a batch of 2, finite outputs of the right shape,
-and a gradient for every trainable parameter. The ImageNet nets that accept it train at 64×64 (the same layers
-and the same gradient paths as at 224, a twelfth of the arithmetic); the lecture's AlexNet (227 only) and
-GoogLeNet (its auxiliary heads need 223) train at their native size."""
+"""Every model config builds through the public API and trains.
+
+Each builds at its native input size (the build-time input check runs there, on the meta device) and trains:
+forward and backward on a batch of 2, finite outputs of the right shape, and a gradient for every trainable
+parameter. The ImageNet nets that accept it train at 64×64 (the same layers and the same gradient paths as at
+224, a twelfth of the arithmetic); the lecture's AlexNet (227 only) and GoogLeNet (its auxiliary heads need
+223) train at their native size."""
 
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ def test_model_config_builds_at_its_native_size_and_trains(name):
     try:
         x = torch.randn(2, channels, min(size, SMALL), min(size, SMALL))
         out = model(x)
-    except RuntimeError:  # too small for it: a fixed-size classifier (the lecture's AlexNet), GoogLeNet's aux heads
+    # too small for it: a fixed-size classifier (the lecture's AlexNet), GoogLeNet's aux heads
+    except RuntimeError:
         x = torch.randn(2, channels, size, size)
         out = model(x)
     outputs = out if isinstance(out, tuple) else (out,)
