@@ -130,6 +130,7 @@ CHEAP_SHARED = {"cifar_root"}  # shared fixtures that cost nothing to set up twi
 SLOW_FIXTURES = {"default_run"}  # a test that uses one of these is slow: `make test-fast` leaves it out
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n 2 --dist loadgroup``, the tests that share an expensive session- or module-scoped
     fixture (a trained run, a built model) go to one worker, so the fixture is set up once, not once per
