@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer, new_linear
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -140,8 +140,7 @@ class AlexNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new FC8 of ``num_classes`` outputs, initialized as the constructor does (§5)."""
-        old = self.classifier[-1]
-        fc8 = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        fc8 = new_linear(self.classifier[-1], num_classes)
         if self.weight_std is not None:
             nn.init.normal_(fc8.weight, 0.0, self.weight_std)
         if self.fc8_bias is not None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer, new_linear
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -209,10 +209,7 @@ class DenseNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new ``classifier`` of ``num_classes`` outputs, initialized as the constructor does."""
-        old = self.classifier
-        self.classifier = nn.Linear(
-            old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype
-        )
+        self.classifier = new_linear(self.classifier, num_classes)
         _init_weights(self.classifier)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

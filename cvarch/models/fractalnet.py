@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer, new_linear
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -209,8 +209,7 @@ class FractalNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init, as constructed."""
-        old = self.fc
-        self.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        self.fc = new_linear(self.fc, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         column = self.sample_drop_path() if self.training else None

@@ -97,3 +97,15 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p:.4f}"
+
+
+def new_linear(old: nn.Linear, out_features: int) -> nn.Linear:
+    """A freshly initialized (PyTorch's default) ``nn.Linear`` shaped like ``old`` but with ``out_features``
+    outputs, on its device and dtype: what ``reset_classifier`` puts in place of a linear head."""
+    return nn.Linear(
+        old.in_features,
+        out_features,
+        bias=old.bias is not None,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )

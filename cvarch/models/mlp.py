@@ -13,7 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer, new_linear
 
 
 class MLP(nn.Module):
@@ -59,14 +59,7 @@ class MLP(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init, as constructed."""
-        old = self.fc
-        self.fc = nn.Linear(
-            old.in_features,
-            num_classes,
-            bias=old.bias is not None,
-            device=old.weight.device,
-            dtype=old.weight.dtype,
-        )
+        self.fc = new_linear(self.fc, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(x, 1)  # (N, C·H·W)

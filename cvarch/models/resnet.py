@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvarch.models.layers import ActFactory, DropPath, FeatureInfo, drop_path_rates, get_act_layer
+from cvarch.models.layers import ActFactory, DropPath, FeatureInfo, drop_path_rates, get_act_layer, new_linear
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -528,8 +528,7 @@ class ResNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new ``fc`` of ``num_classes`` outputs, with PyTorch's default Linear init, as constructed."""
-        old = self.fc
-        self.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        self.fc = new_linear(self.fc, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)  # (N, 64, H/2, W/2) imagenet stem; (N, 16, H, W) cifar stem

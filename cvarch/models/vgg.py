@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer
+from cvarch.models.layers import ActFactory, FeatureInfo, get_act_layer, new_linear
 from cvarch.norm import NormFactory, get_norm_layer
 
 
@@ -96,8 +96,7 @@ class VGG(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new last Linear of ``num_classes`` outputs, initialized as the constructor does."""
-        old = self.classifier[-1]
-        fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        fc = new_linear(self.classifier[-1], num_classes)
         _init_weights(fc)
         self.classifier[-1] = fc
 
