@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import cvarch
 from cvarch.build import build_all, build_datamodule, build_model, build_module, instantiate_model
 from cvarch.config import CONFIG_DIR, ConfigError, compose, packaged_targets, validate
-from tests.conftest import make_image_tree, run_cli, tmp_overrides
+from tests.conftest import make_image_tree, run_main, tmp_overrides
 
 # model configs are built and trained at their native sizes by tests/models/test_configs.py
 OPTIONS = sorted(
@@ -145,7 +145,7 @@ def test_unknown_key_of_a_target_is_named(compose_tmp):
 
 
 def test_cli_wrong_type_fails_before_any_run_dir_is_filled(tmp_path):
-    proc = run_cli("cvarch-train", "optimizer.lr=abc", "logger=none", f"paths.log_dir={tmp_path}")
+    proc = run_main("cvarch-train", "optimizer.lr=abc", "logger=none", f"paths.log_dir={tmp_path}")
     assert proc.returncode != 0
     assert "optimizer.lr: expected float" in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
@@ -189,11 +189,11 @@ def short_schedule(recipe: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_each_recipe_runs_its_documented_cpu_short_schedule(recipe, cifar_root, compose_tmp):
+def test_each_recipe_runs_its_documented_cpu_short_schedule(recipe, cifar_root, cifar_cache, compose_tmp):
     overrides = short_schedule(recipe)
     assert overrides[0] == f"experiment={recipe}"
     # one batch of each loop (fast_dev_run) of exactly the documented command, on the real CIFAR-10 folder
-    metrics = cvarch.train(compose_tmp(*overrides, "debug=fdr", "logger=none", "data.batch_size=8"))
+    metrics = cvarch.train(compose_tmp(*overrides, "debug=fdr", "logger=none", "data.batch_size=8", cifar_cache))
     assert 0.0 <= metrics["test/acc_tta"] <= 1.0 and metrics["params"] > 0
 
 
@@ -272,15 +272,18 @@ def test_sweep_presets_are_multiruns_of_their_factors(preset):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_sweep_presets_run_their_documented_short_schedule(preset, cifar_root, tmp_path):
+def test_sweep_presets_run_their_documented_short_schedule(preset, cifar_root, cifar_cache, tmp_path):
     sweep = tmp_path / "sweep"
     overrides = short_schedule(preset)
-    result = run_cli(
+    # one batch of 8 images in each loop (fast_dev_run) of every job of the documented command
+    result = run_main(
         "cvarch-train",
         *overrides,
         "debug=fdr",
         "logger=none",
+        "data.batch_size=8",
         *tmp_overrides(tmp_path),
+        cifar_cache,
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ import torch
 
 from cvarch.ensemble import ensemble, predict, run_dirs, topk_accuracy
 from cvarch.runs import read_job
-from tests.conftest import report, run_cli, tmp_overrides
+from tests.conftest import report, run_main, tmp_overrides
 
 
 def test_topk_accuracy_counts_targets_among_the_k_largest():
@@ -38,7 +38,7 @@ def test_an_ensemble_of_identical_checkpoints_equals_the_single_model(default_ru
 @pytest.mark.slow
 def test_experiment_ensemble_trains_seeds_and_beats_their_mean_on_a_real_split(tmp_path):
     # 3 seeds of a 4-epoch ResNet-20 on the real digits split, then the Hydra callback ensembles them
-    proc = run_cli(
+    proc = run_main(
         "cvarch-train", "experiment=ensemble", "trainer.max_epochs=4", "logger=none", *tmp_overrides(tmp_path)
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -57,7 +57,7 @@ def test_experiment_ensemble_trains_seeds_and_beats_their_mean_on_a_real_split(t
         f"vs members {members}%"
     )
     # the CLI on the same sweep folder, with test-time flips for every member
-    proc = run_cli("cvarch-ensemble", f"runs={sweep}", "tta=flip", *tmp_overrides(tmp_path))
+    proc = run_main("cvarch-ensemble", f"runs={sweep}", "tta=flip", *tmp_overrides(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = Path(proc.stdout.strip().splitlines()[-1])
     flipped = json.loads((out / "ensemble.json").read_text())

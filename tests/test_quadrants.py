@@ -31,7 +31,7 @@ from cvarch.quadrants import (
 )
 from cvarch.transfer import STRATEGIES
 from tests import wandb_log
-from tests.conftest import ROOT, run_cli, tmp_overrides
+from tests.conftest import ROOT, run_main, tmp_overrides
 
 DEFAULT_SOURCE = "${hydra:sweep.dir}/source.ckpt"  # the experiment's transfer.source
 SIMILAR, DIFFERENT = "cifar10_last5", "digits_rgb32"
@@ -246,7 +246,7 @@ def test_run_prints_the_table_and_needs_a_sweep_dir(sweep, capsys):
         run(compose_quadrants())
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch and Lightning: ~7 s each on 2 cores
+@pytest.mark.slow  # a fresh interpreter importing torch and Lightning: ~7 s on 2 cores
 def test_python_m_cvarch_quadrants_prints_the_table_and_the_sweep_last(sweep, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -260,7 +260,7 @@ def test_python_m_cvarch_quadrants_prints_the_table_and_the_sweep_last(sweep, tm
     assert (sweep / "quadrants.md").read_text() in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == str(sweep)
     assert not list(cwd.iterdir()) and not (sweep / ".hydra").exists()  # Hydra wrote nothing of its own
-    proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    proc = run_main("cvarch.quadrants")  # in this process: the same exit status and message
     assert proc.returncode != 0 and "Missing mandatory value: sweep_dir" in proc.stderr
 
 
@@ -371,21 +371,25 @@ def test_on_multirun_end_logs_the_table_to_an_offline_wandb_run(sweep, tmp_path,
 
 
 @pytest.mark.slow
-def test_the_experiment_runs_end_to_end_on_real_cifar10_and_digits(cifar_root, tmp_path):
+def test_the_experiment_runs_end_to_end_on_real_cifar10_and_digits(cifar_root, cifar_cache, tmp_path):
     """The whole pipeline, shortened: source training, the four cells, two strategies, the report."""
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    cache_dir = cifar_cache.split("=", 1)[1]
+    result = run_main(
         "cvarch-train",
         "experiment=transfer_quadrants",
         *tmp_overrides(tmp_path),
+        cifar_cache,
         f"paths.data_dir={cifar_root.parent}",
         "logger=none",
         "trainer.max_steps=2",
         "trainer.val_check_interval=1",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
         "hydra.sweeper.params.seed=0",
         "hydra.sweeper.params.transfer='linear_probe,stage_probes'",
         'hydra.callbacks.transfer_quadrants.source=["experiment=transfer_source","trainer.max_epochs=1",'
-        f'"data.max_per_class=100","paths.cache_dir={tmp_path}/cache","logger=none"]',
+        f'"data.max_per_class=100","paths.cache_dir={cache_dir}","logger=none"]',
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 0, result.stderr[-3000:]

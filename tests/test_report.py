@@ -14,7 +14,11 @@ import yaml
 import cvarch
 from cvarch.report import paired_differences, parse_baseline, report, run, swept_factors
 from cvarch.runs import list_jobs
-from tests.conftest import run_cli, tmp_overrides
+from tests.conftest import run_cli, run_main, tmp_overrides
+
+# ResNet-20 on 30 digits, one step, one val and test batch: sweeps whose jobs finish, not how well they train
+SMALL = ("trainer.max_epochs=1", "data.train_per_class=3", "+trainer.limit_val_batches=1",
+         "+trainer.limit_test_batches=1")  # fmt: skip
 
 
 def _job(sweep: Path, num: int, overrides: list[str], acc: float | None) -> None:
@@ -138,7 +142,7 @@ def test_the_cli_writes_into_the_sweep_folder_only_and_prints_it_last(sweep, tmp
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_a_real_2x2x2_sweep_and_its_report(tmp_path, launcher):
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    result = run_main(
         "cvarch-train",
         "-m",
         f"hydra/launcher={launcher}",
@@ -146,7 +150,7 @@ def test_a_real_2x2x2_sweep_and_its_report(tmp_path, launcher):
         "norm=batchnorm,none",
         "init=default,kaiming",
         "seed=0,1",
-        "trainer.max_epochs=1",
+        *SMALL,
         "logger=none",
         *tmp_overrides(tmp_path),
         f"hydra.sweep.dir={sweep}",
@@ -177,11 +181,11 @@ def test_a_real_2x2x2_sweep_and_its_report(tmp_path, launcher):
 @pytest.mark.slow
 def test_a_failing_job_leaves_the_others_and_is_listed(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    result = run_main(
         "cvarch-train",
         "-m",
         "optimizer.lr=-1.0,0.01",  # SGD refuses a negative lr: that job raises
-        "trainer.max_epochs=1",
+        *SMALL,
         "logger=none",
         *tmp_overrides(tmp_path),
         f"hydra.sweep.dir={sweep}",
