@@ -84,7 +84,9 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 
     from hydra.core.hydra_config import HydraConfig
 
-    main = importlib.import_module(CONSOLE_SCRIPTS.get(args[0], args[0])).main  # a script or `python -m` module
+    main = importlib.import_module(
+        CONSOLE_SCRIPTS.get(args[0], args[0])
+    ).main  # a script or `python -m` module
     out, err, code = io.StringIO(), io.StringIO(), 0
     argv, root_handlers = sys.argv, list(logging.getLogger().handlers)
     sys.argv = [args[0], *args[1:]]
@@ -182,7 +184,7 @@ SLOW_FIXTURES = {"default_run"}  # a test that uses one of these is slow: `make 
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n 2 --dist loadgroup``, the tests that share an expensive session- or module-scoped
     fixture (a trained run, a built model) go to one worker, so the fixture is set up once, not once per
-    worker."""
+    worker; and the slow tests are handed out first."""
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
@@ -197,6 +199,9 @@ def pytest_collection_modifyitems(config, items):
         ]
         if shared:
             item.add_marker(pytest.mark.xdist_group(sorted(shared)[0]))
+    # the slow tests first (a stable sort): xdist hands out work in this order, so the longest tests start
+    # early and the workers finish together instead of one running a long test alone at the end
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def report(line: str) -> None:

@@ -193,7 +193,9 @@ def test_each_recipe_runs_its_documented_cpu_short_schedule(recipe, cifar_root, 
     overrides = short_schedule(recipe)
     assert overrides[0] == f"experiment={recipe}"
     # one batch of each loop (fast_dev_run) of exactly the documented command, on the real CIFAR-10 folder
-    metrics = cvarch.train(compose_tmp(*overrides, "debug=fdr", "logger=none", "data.batch_size=8", cifar_cache))
+    metrics = cvarch.train(
+        compose_tmp(*overrides, "debug=fdr", "logger=none", "data.batch_size=8", cifar_cache)
+    )
     assert 0.0 <= metrics["test/acc_tta"] <= 1.0 and metrics["params"] > 0
 
 

@@ -262,10 +262,8 @@ def test_pip_resolves_the_wheels_dependencies_from_the_base_and_installs_only_cv
 @pytest.mark.slow
 def test_the_wheels_console_scripts_train_evaluate_and_profile_without_the_sweep_extra(wheel_venv):
     bin_ = wheel_venv.venv / "bin"
-    smoke = _last_line(wheel_venv.run(bin_ / "cvarch-train", "debug=fdr", "logger=none"))  # the wiring
-    assert smoke.is_relative_to(wheel_venv.work) and (smoke / "config.yaml").is_file()
     trained = _last_line(wheel_venv.run(bin_ / "cvarch-train", *TINY_RUN))
-    assert trained.is_relative_to(wheel_venv.work)
+    assert trained.is_relative_to(wheel_venv.work) and (trained / "config.yaml").is_file()
     metrics = json.loads((trained / "metrics.json").read_text())
     evaluated = _last_line(wheel_venv.run(bin_ / "cvarch-eval", f"ckpt_path={metrics['best_ckpt']}"))
     assert json.loads((evaluated / "metrics.json").read_text())["test/acc"] == pytest.approx(

@@ -178,7 +178,13 @@ class StateProbe(pl.Callback):
 
 @pytest.mark.slow
 def test_resume_restores_optimizer_scheduler_and_augmentation_state(compose_tmp):
-    common = ("augment=cifar", "scheduler.patience=0", "logger=none", "data.batch_size=256")
+    common = (
+        "augment=cifar",
+        "scheduler.patience=0",
+        "logger=none",
+        "data.batch_size=256",
+        "data.train_per_class=50",
+    )
     probe = "+callbacks.probe={_target_: tests.test_train.StateProbe}"
     StateProbe.seen = {}
     first = cvarch.train(compose_tmp(*common, "trainer.max_epochs=3", probe))
