@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,22 +28,84 @@ log = logging.getLogger(__name__)
 
 def load_checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Any:
     """``torch.load(path, weights_only=True)``: a checkpoint passed around between people is data, and a file
-    whose unpickling would run code (a ``__reduce__`` payload) is refused before any of it runs.
+    whose unpickling would run code (a ``__reduce__`` payload) is refused before any of it runs. A file that
+    is empty or cut short is named as such, with the intact checkpoints beside it; a state dict holding NaN or
+    infinite weights is refused naming its first such tensor.
 
     Raises:
         FileNotFoundError: naming ``key`` when there is no file.
-        ValueError: naming ``key`` and the file when it holds anything but tensors and plain containers.
+        ValueError: naming ``key`` and the file when it is empty, truncated or corrupt, holds anything but
+            tensors and plain containers, or holds non-finite weights.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{key}: no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{key}: {path} is empty (0 bytes): not a checkpoint{_intact_hint(path)}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):  # a legacy-format pickle cut short
+            raise ValueError(
+                f"{key}: {path} is truncated or corrupt ({_first_line(err)}){_intact_hint(path)}"
+            ) from None
+        raise ValueError(  # weights_only's refusal: a pickled global outside the allowed set
             f"{key}: {path} cannot be loaded with weights_only=True, so it is refused (it holds more than "
-            f"tensors and plain containers: {type(err).__name__}: {str(err).splitlines()[0][:300]})"
+            f"tensors and plain containers: {_first_line(err)})"
         ) from None
+    except Exception as err:  # the zip container or a tensor record is cut short or damaged
+        raise ValueError(
+            f"{key}: {path} is truncated or corrupt ({type(err).__name__}: {_first_line(err)})"
+            f"{_intact_hint(path)}"
+        ) from None
+    check_finite(blob, f"{key}: {path}")
+    return blob
+
+
+def check_finite(blob: Any, where: str) -> None:
+    """Refuses a checkpoint (its ``state_dict``) or a plain state dict whose floating-point tensors hold NaN
+    or infinity, naming the first: a diverged run's weights would otherwise evaluate at chance as if real, or
+    blame the learning rate of the run that resumes or fine-tunes from them.
+
+    Raises:
+        ValueError: naming ``where`` and the tensor.
+    """
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        return
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.isfinite().all():
+            bad = int((~tensor.isfinite()).sum())
+            raise ValueError(
+                f"{where} holds non-finite weights: {name} has {bad} NaN or infinite values of "
+                f"{tensor.numel()}; a diverged run's weights are refused (cvarch-train never saves them: the "
+                "file was written elsewhere or altered)"
+            )
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an exception's message (torch's run to a paragraph), or ``(no message)``."""
+    line = (str(err).strip().splitlines() or ["(no message)"])[0]
+    return line.split(". ")[0][:300]
+
+
+def _intact_hint(path: Path) -> str:
+    """``"; intact checkpoints beside it: …"``: the other ``.ckpt`` files of its folder that load, newest
+    first, or ``""``."""
+    intact = []
+    for other in sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if other != path and other.stat().st_size > 0:
+            try:
+                torch.load(other, map_location="meta", weights_only=True)
+            except Exception:
+                continue
+            intact.append(other.name)
+    if not intact:
+        return ""
+    return (
+        f"; intact checkpoints beside it: {', '.join(intact)} (continue from one with "
+        f"ckpt_path={path.parent / intact[0]})"
+    )
 
 
 def load_trained(

@@ -180,7 +180,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     transfer = build_transfer(cfg)
     source_preprocess = transfer.adopt(cfg)  # a cvarch source brings its model and preprocess into the config
     ckpt_path = resume_path(cfg)  # ckpt_path, or the run directory's last.ckpt for resume / ckpt_path=last
-    ckpt = load_checkpoint_file(ckpt_path) if ckpt_path else None  # refused now if missing or pickled code
+    key = "ckpt_path" if cfg.get("ckpt_path") else f"resume={cfg.get('resume')}"
+    ckpt = load_checkpoint_file(ckpt_path, key) if ckpt_path else None  # refused now: missing, corrupt, code
     check_launch(cfg)
     done = finished_run(Path(cfg.paths.output_dir), cfg)
     if done is not None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -156,6 +158,7 @@ KILL_MID_WRITE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a child process killed mid-write: ~12 s
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "run" / "last.ckpt"
     proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, str(path)], cwd=ROOT)
@@ -176,6 +179,69 @@ def test_checkpoint_io_loads_refuse_pickled_code(tmp_path):
     with pytest.raises(ValueError, match="weights_only=True"):
         AtomicCheckpointIO().load_checkpoint(path)
     assert not marker.exists()
+
+
+def _damaged_copy(one_epoch_run, tmp_path: Path, damage) -> tuple[Path, tuple[str, ...], Any]:
+    """A copy of the finished one-epoch run whose ``last.ckpt`` ``damage(path)`` alters, its metrics.json
+    removed (a killed run); the overrides that compose it; and what ``damage`` returned."""
+    tmp, finished, _ = one_epoch_run
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    (run / "metrics.json").unlink()
+    damaged = damage(run / "checkpoints" / "last.ckpt")
+    return run, (*tmp_overrides(tmp), f"hydra.run.dir={run}", "logger=none", "trainer.max_epochs=2",
+                 "data.train_per_class=10"), damaged  # fmt: skip
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda p: p.write_bytes(b""), r"is empty \(0 bytes\): not a checkpoint"),
+        (_truncate, "is truncated or corrupt"),
+    ],
+    ids=["empty", "truncated"],
+)
+def test_resume_on_a_broken_last_checkpoint_names_it_and_the_intact_best_beside_it(
+    one_epoch_run, tmp_path, damage, problem
+):
+    run, overrides, _ = _damaged_copy(one_epoch_run, tmp_path, damage)
+    (best,) = [p for p in (run / "checkpoints").glob("epoch*.ckpt")]
+    with pytest.raises(ValueError) as err:
+        cvarch.train(cvarch.compose(*overrides, "resume=true"))
+    message = str(err.value)
+    assert re.search(rf"resume=True: {run}/checkpoints/last.ckpt {problem}", message), message
+    assert f"intact checkpoints beside it: {best.name} (continue from one with ckpt_path={best})" in message
+    assert "\n" not in message and "weights_only" not in message  # one line, not a pickling accusation
+
+
+def _poison(path: Path) -> str:
+    """Sets one weight of the model in ``path`` to NaN; returns the tensor's name."""
+    ckpt = torch.load(path, weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and k.startswith("model."))
+    ckpt["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(ckpt, path)
+    return name
+
+
+def test_non_finite_weights_are_refused_on_every_load_naming_the_tensor(one_epoch_run, tmp_path):
+    from cvarch.eval import evaluate
+
+    run, overrides, name = _damaged_copy(one_epoch_run, tmp_path, _poison)
+    last = run / "checkpoints" / "last.ckpt"
+    for load, key in (
+        (lambda: evaluate(cvarch.compose(*tmp_overrides(tmp_path), f"ckpt_path={last}", config_name="eval")),
+         "ckpt_path"),  # cvarch-eval
+        (lambda: cvarch.train(cvarch.compose(*overrides, "resume=true")), "resume=True"),
+        (lambda: cvarch.train(cvarch.compose(*tmp_overrides(tmp_path), "logger=none", "transfer=finetune_all",
+                                             f"transfer.source={last}")), "transfer.source"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            load()
+        expected = f"{key}: {last} holds non-finite weights: {name} has 1 NaN or infinite values of "
+        assert str(err.value).startswith(expected), str(err.value)
 
 
 class ScalerProbe(pl.Callback):
@@ -199,6 +265,7 @@ AMP = {  # 16-bit mixed precision with a loss scaler: on CUDA Lightning's own; o
 }
 
 
+@pytest.mark.slow  # two runs of 2 and 3 epochs
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_amp_grad_scaler_state_is_checkpointed_and_restored(compose_tmp, device):
     common = (*AMP[device], "logger=none", "data.train_per_class=10",
@@ -223,6 +290,7 @@ def one_epoch_run(tmp_path_factory):
     return tmp, run, metrics
 
 
+@pytest.mark.slow  # a second epoch of training
 def test_resume_true_continues_the_run_directory_from_its_last_checkpoint(one_epoch_run, tmp_path):
     tmp, finished, _ = one_epoch_run
     run = Path(

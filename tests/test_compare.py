@@ -71,6 +71,7 @@ def small_rows():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_cli_writes_the_csv_both_plots_and_fills_top1_from_a_results_csv(tmp_path):
     published = tmp_path / "published.csv"
     published.write_text("model,top1\nresnet20,91.25\n")  # He et al. 2015 Table 6: 8.75% CIFAR-10 error

@@ -437,6 +437,7 @@ def _finite_checkpoints(checkpoints: Path) -> dict[str, int]:
     return epochs
 
 
+@pytest.mark.slow  # an epoch of the default run, then the divergence
 def test_a_diverging_run_stops_at_the_step_and_keeps_the_previous_epoch_checkpoint(compose_tmp, tmp_path):
     from cvarch.callbacks import DivergenceError
 
@@ -490,6 +491,7 @@ def _poison_at_epoch_end(self, trainer, pl_module, outputs, batch, batch_idx):
 
 # ModelCheckpoint saves at train epoch end when validation runs once an epoch, else at validation end
 # (0.5: last.ckpt is then the finite one from the middle of epoch 1)
+@pytest.mark.slow  # two epochs of the default run each
 @pytest.mark.parametrize(("val_check_interval", "last_epoch"), [("1.0", 0), ("0.5", 1)])
 def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(
     val_check_interval, last_epoch, compose_tmp, tmp_path, monkeypatch
