@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ def run_dirs(runs: str | Path | Sequence[str | Path]) -> list[Path]:
             jobs = list_jobs(path)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"runs: {err}") from None
+        for job in jobs:
+            if job.problem and job.dir != path:
+                warnings.warn(f"runs: {job.dir} left out: {job.problem}", RuntimeWarning, stacklevel=2)
         # a run directory named directly is used as it is: its checkpoints serve even if it did not finish
         dirs = [job.dir for job in jobs if job.finished or job.dir == path]
         if not dirs:

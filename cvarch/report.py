@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import statistics
 import warnings
@@ -49,9 +50,26 @@ def _level(job: Job, factors: Sequence[str]) -> tuple[str, ...]:
 
 
 def _value(job: Job, metric: str) -> float | None:
-    """The job's ``metric``, or ``None`` while it is unfinished or when it did not record that key."""
+    """The job's ``metric``, or ``None`` while it is unfinished, when it did not record that key, or when the
+    value is not a finite number (:func:`bad_jobs` lists those)."""
     value = (job.metrics or {}).get(metric)
-    return None if value is None else float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def bad_jobs(jobs: Sequence[Job], metric: str) -> list[dict[str, str]]:
+    """The jobs left out of the statistics for a reason other than not having finished: an unreadable
+    ``metrics.json``, or a ``metric`` that is not a finite number (a diverged run's NaN); ``{"job",
+    "reason"}`` each."""
+    bad = []
+    for job in jobs:
+        value = (job.metrics or {}).get(metric)
+        if job.problem:
+            bad.append({"job": job.name, "reason": job.problem})
+        elif value is not None and _value(job, metric) is None:
+            bad.append({"job": job.name, "reason": f"{metric} is {value!r}, not a finite number"})
+    return bad
 
 
 def groups(jobs: Sequence[Job], metric: str, factors: Sequence[str]) -> list[dict[str, Any]]:
@@ -185,6 +203,9 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     if summary["failed"]:
         lines += ["", f"Unfinished or failed jobs (no metrics.json): {', '.join(summary['failed'])}"]
+    if summary.get("bad"):
+        bad = "; ".join(f"{b['job']} ({b['reason']})" for b in summary["bad"])
+        lines += ["", f"Bad jobs, left out: {bad}"]
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +260,7 @@ def log_wandb(summary: dict[str, Any], out: Path, node: dict[str, Any], task_nam
             group=group,
             job_type="report",
             name=f"report {metric}",
-            config={k: summary[k] for k in ("sweep_dir", "metric", "factors", "baseline", "failed")},
+            config={k: summary[k] for k in ("sweep_dir", "metric", "factors", "baseline", "failed", "bad")},
             settings=wandb.Settings(**(node.get("settings") or {})),
         )
     except Exception as err:
@@ -299,7 +320,8 @@ def report(
         "metric": metric,
         "factors": factors,
         "groups": groups(jobs, metric, factors),
-        "failed": [j.name for j in jobs if not j.finished],
+        "failed": [j.name for j in jobs if not j.finished and not j.problem],
+        "bad": bad_jobs(jobs, metric),
         "baseline": list(baseline) if baseline else None,
         "paired": paired_differences(jobs, metric, factors, baseline) if baseline else [],
         "curve": curve,

@@ -33,12 +33,15 @@ class Job:
         dir: the folder.
         overrides: the command-line overrides of ``.hydra/overrides.yaml`` as ``{key: value}``, values as
             typed (``{"norm": "none", "seed": "1"}``); ``{}`` without the file.
-        metrics: ``metrics.json``, or ``None`` while the run is unfinished (or failed).
+        metrics: ``metrics.json``, or ``None`` while the run is unfinished (or failed), or when the file
+            cannot be read.
+        problem: why ``metrics.json`` could not be read (not JSON, not a mapping), or ``None``.
     """
 
     dir: Path
     overrides: dict[str, str]
     metrics: dict[str, Any] | None
+    problem: str | None = None
 
     @property
     def name(self) -> str:
@@ -91,9 +94,22 @@ def read_job(path: str | Path) -> Job:
     path = Path(path).expanduser()
     overrides_file = path / ".hydra" / "overrides.yaml"
     lines = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
-    metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    return Job(dir=path, overrides=dict(_key_value(str(o)) for o in lines), metrics=metrics)
+    metrics, problem = _read_metrics(path / "metrics.json")
+    return Job(dir=path, overrides=dict(_key_value(str(o)) for o in lines), metrics=metrics, problem=problem)
+
+
+def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(metrics, None)``, ``(None, None)`` without the file, or ``(None, why)`` when it cannot be read: a
+    bad job is reported beside the others, never the reason a whole report fails."""
+    if not path.is_file():
+        return None, None
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return None, f"{path.name} is not valid JSON ({err})"
+    if not isinstance(metrics, dict):
+        return None, f"{path.name} holds a {type(metrics).__name__}, not a mapping of metrics"
+    return metrics, None
 
 
 def _key_value(override: str) -> tuple[str, str]:

@@ -64,6 +64,14 @@ def test_experiment_ensemble_trains_seeds_and_beats_their_mean_on_a_real_split(t
     assert len(flipped["members"]) == 3 and "| ensemble |" in proc.stdout
 
 
+def test_run_dirs_leaves_out_a_job_with_a_corrupt_metrics_file_and_says_so(tmp_path):
+    for job, text in (("0", "{}"), ("1", "{not json")):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "metrics.json").write_text(text)
+    with pytest.warns(RuntimeWarning, match=r"runs: .*/1 left out: metrics.json is not valid JSON"):
+        assert [p.name for p in run_dirs(tmp_path)] == ["0"]
+
+
 def test_run_dirs_names_a_folder_without_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"runs: {tmp_path}: neither a run folder"):
         run_dirs([tmp_path])

@@ -48,6 +48,22 @@ def sweep(tmp_path) -> Path:
     return root
 
 
+def test_a_corrupt_or_nan_job_is_listed_as_bad_and_the_others_are_reported(sweep, tmp_path):
+    _job(sweep, 6, ["norm=none", "seed=3", "optimizer.lr=0.1"], None)
+    (sweep / "6" / "metrics.json").write_text('{"test/acc": 0.7')  # cut short by a full disk
+    _job(sweep, 7, ["norm=none", "seed=4", "optimizer.lr=0.1"], None)
+    (sweep / "7" / "metrics.json").write_text('{"test/acc": NaN}')  # json.dumps of a diverged run's NaN
+    summary = report(sweep, out_dir=tmp_path / "out")
+    rows = {g["norm"]: g for g in summary["groups"]}
+    assert rows["none"]["n"] == 2 and rows["none"]["mean"] == pytest.approx(0.68)  # jobs 3 and 4 only
+    assert summary["failed"] == ["5"]
+    assert [b["job"] for b in summary["bad"]] == ["6", "7"]
+    assert summary["bad"][0]["reason"].startswith("metrics.json is not valid JSON (")
+    assert summary["bad"][1]["reason"] == "test/acc is nan, not a finite number"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Bad jobs, left out: 6 (metrics.json is not valid JSON" in md and "; 7 (test/acc is nan" in md
+
+
 def test_factors_are_the_overrides_that_vary_except_seed_and_paths(sweep):
     jobs = list_jobs(sweep)
     assert len(jobs) == 6 and sum(j.metrics is None for j in jobs) == 1
