@@ -27,7 +27,7 @@ from cvarch.build import (
     instantiate,
     start_loggers,
 )
-from cvarch.checkpoint import check_fits, load_checkpoint_file, resume_path, write_metrics
+from cvarch.checkpoint import check_fits, last_checkpoint, load_checkpoint_file, resume_path, write_metrics
 from cvarch.config import CONFIG_PATH, ConfigError, validate
 from cvarch.cost import count_macs
 from cvarch.tta import TestTimeAugment
@@ -59,6 +59,25 @@ def finished_run(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     except (ValueError, OSError):
         return None
     return metrics if same and "test/acc" in metrics else None
+
+
+def check_fresh_start(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Refuses to start a run from scratch in a folder that holds a killed run's checkpoints (no
+    ``metrics.json``): training would overwrite its ``last.ckpt``, the one thing a resume needs.
+
+    Raises:
+        FileExistsError: naming the folder, its checkpoints, and the two ways on.
+    """
+    folder = last_checkpoint(cfg).parent
+    if ckpt_path or (Path(cfg.paths.output_dir) / "metrics.json").is_file():
+        return
+    kept = sorted(p.name for p in folder.glob("*.ckpt"))
+    if kept:
+        raise FileExistsError(
+            f"hydra.run.dir: {cfg.paths.output_dir} holds the checkpoints of a run that did not finish "
+            f"({', '.join(kept)}); a fresh start would overwrite them. Pass resume=true to continue it "
+            "(resume=auto when re-running a sweep), or another hydra.run.dir"
+        )
 
 
 def _job_config(cfg: DictConfig) -> str:
@@ -189,6 +208,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "%s already holds a finished run of this config (metrics.json): skipped", cfg.paths.output_dir
         )
         return done
+    check_fresh_start(cfg, ckpt_path)
     trainer = build_trainer(cfg, start=False)  # knows this process's DDP rank; W&B starts after the checks
     output_dir = make_run_dir(cfg, trainer)
     pl.seed_everything(cfg.seed, workers=True)

@@ -217,6 +217,20 @@ def test_resume_on_a_broken_last_checkpoint_names_it_and_the_intact_best_beside_
     assert "\n" not in message and "weights_only" not in message  # one line, not a pickling accusation
 
 
+def test_a_fresh_run_in_a_killed_runs_folder_is_refused_and_overwrites_nothing(one_epoch_run, tmp_path):
+    run, overrides, _ = _damaged_copy(one_epoch_run, tmp_path, lambda path: None)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.ckpt")}
+    with pytest.raises(FileExistsError) as err:
+        cvarch.train(cvarch.compose(*overrides))
+    assert str(err.value).startswith(
+        f"hydra.run.dir: {run} holds the checkpoints of a run that did not finish"
+    )
+    assert "Pass resume=true to continue it" in str(err.value) and "or another hydra.run.dir" in str(
+        err.value
+    )
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.ckpt")} == before
+
+
 def _poison(path: Path) -> str:
     """Sets one weight of the model in ``path`` to NaN; returns the tensor's name."""
     ckpt = torch.load(path, weights_only=True)

@@ -409,11 +409,13 @@ def test_rerunning_a_sweep_skips_the_jobs_that_finished(tmp_path):
     finished = sweep / "0" / "metrics.json"
     stamp = finished.stat().st_mtime_ns
     (sweep / "1" / "metrics.json").unlink()  # job 1 "was killed" before it finished
-    proc = run_main(*args)
+    refused = run_main(*args)  # a fresh start would overwrite job 1's checkpoints
+    assert refused.returncode != 0 and "Pass resume=true to continue it (resume=auto" in refused.stderr
+    proc = run_main(*args, "resume=auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already holds a finished run of this config (metrics.json): skipped" in proc.stdout + proc.stderr
     assert finished.stat().st_mtime_ns == stamp  # job 0 not re-run
-    assert (sweep / "1" / "metrics.json").is_file()  # job 1 run again
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["resumed_from"]  # job 1 continued
 
 
 def test_debug_anomaly_turns_on_autograd_anomaly_detection(compose_tmp):
