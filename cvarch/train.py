@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from cvarch.build import (
     build_inputs,
@@ -225,6 +227,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         log_summary(trainer, cost)
         results = fit_and_test(trainer, module, datamodule, ckpt_path)
+    except SIGTERMException:  # Lightning stopped at the step after the signal: exit as preempted, not 0
+        raise SystemExit(preempted(cfg, trainer)) from None
     finally:
         finish_loggers(trainer)
     metrics = {
@@ -239,6 +243,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_metrics(metrics, output_dir)
     return metrics
+
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM: the shell's, SLURM's and submitit's reading of "terminated"
+
+
+def preempted(cfg: DictConfig, trainer: pl.Trainer) -> int:
+    """Says on stderr where a SIGTERM (SLURM preemption, ``scancel``, ``kill``) stopped the run and how it
+    continues; returns the exit status, 143. No ``metrics.json`` is written, so ``resume=auto`` (a re-run
+    sweep) continues the run from ``last.ckpt``, the end of its last full epoch: a mid-epoch checkpoint would
+    not resume bit-identically, as cvarch's resumes do, since the batch order is drawn per epoch."""
+    last = last_checkpoint(cfg)
+    where = (
+        f"{last} (end of epoch {load_checkpoint_file(last)['epoch']}) continues it"
+        if last.is_file()
+        else f"no epoch had finished, so it starts over ({last} does not exist yet)"
+    )
+    message = (
+        f"cvarch-train: SIGTERM: stopped at global step {trainer.global_step} "
+        f"(epoch {trainer.current_epoch}) of {cfg.paths.output_dir}; {where} with resume=true, or "
+        "resume=auto when re-running a sweep"
+    )
+    log.error(message)
+    print(message, file=sys.stderr)
+    return SIGTERM_EXIT
 
 
 def configure(cfg: DictConfig) -> None:

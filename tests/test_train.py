@@ -10,6 +10,9 @@ import os
 import platform
 import re
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ import torch
 
 import cvarch
 from tests import wandb_log
-from tests.conftest import malicious_checkpoint, report, run_cli, run_main, tmp_overrides
+from tests.conftest import BIN, ROOT, malicious_checkpoint, report, run_cli, run_main, tmp_overrides
 
 METRICS = {
     "train/loss",
@@ -319,6 +322,33 @@ def test_ddp_in_a_local_multirun_uses_ddp_spawn_and_keeps_jobs_apart(tmp_path):
         (run,) = job.glob("wandb/offline-run-*")
         # the spawned rank 0 logs the test tables into the job's own W&B run folder, not the working directory
         assert len(list(run.glob("files/media/table/test/*.table.json"))) == 2
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_keeping_last_ckpt_and_resume_continues_the_run(tmp_path):
+    run = tmp_path / "run"
+    args = ("logger=none", "trainer.max_epochs=3", f"hydra.run.dir={run}", *tmp_overrides(tmp_path))
+    last = run / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen([str(BIN / "cvarch-train"), *args], cwd=ROOT, stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # epoch 0 ended and was checkpointed: training is under way
+            proc.send_signal(signal.SIGTERM)  # what SLURM preemption and scancel send
+            code = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    stderr = (tmp_path / "err.txt").read_text()
+    assert code == 143, stderr[-3000:]
+    assert not (run / "metrics.json").exists()  # not a finished run: resume=auto continues it
+    epoch = torch.load(last, weights_only=True)["epoch"]
+    assert re.search(rf"SIGTERM: stopped at global step \d+ \(epoch \d\) of {run}; {last} \(end of epoch "
+                     rf"{epoch}\) continues it with resume=true", stderr), stderr[-3000:]  # fmt: skip
+    resumed = run_main("cvarch-train", *args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["resumed_from"] == str(last)
 
 
 def test_an_optimized_metric_that_is_never_written_is_refused_before_training(compose_tmp):
