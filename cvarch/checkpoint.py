@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import random
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cvarch.config import ConfigError, check_received
 from cvarch.runs import find_jobs
 
 log = logging.getLogger(__name__)
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 
 def load_checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Any:
@@ -189,6 +196,60 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+class RunDirBusyError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run folder for the life of a run (``with RunDirLock(folder):``), so two runs
+    started in one ``hydra.run.dir`` cannot mix their ``config.yaml``, checkpoints and ``metrics.json``.
+
+    The lock is an ``flock`` on ``<folder>/.lock``, which records the holder's PID and host. The kernel drops
+    it when the holder dies, however it dies, so a stale ``.lock`` of a killed run is simply taken over. Only
+    DDP's global rank 0 locks (the other ranks share its folder); where ``fcntl`` is missing (Windows) nothing
+    is locked.
+
+    Raises:
+        RunDirBusyError: naming the folder and the holder, when a live run holds it.
+        PermissionError: naming ``paths.output_dir`` when the folder cannot be created.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunDirLock:
+        if fcntl is None or rank_zero_only.rank != 0:
+            return self
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # before any work: a run that cannot save its checkpoints must not start
+            raise PermissionError(
+                f"paths.output_dir: cannot write the run directory {self.folder} ({err.strerror}); set "
+                "paths.log_dir (or hydra.run.dir) to a writable folder"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that wrote no PID yet"
+            os.close(fd)
+            raise RunDirBusyError(
+                f"hydra.run.dir: {self.folder} is in use by another cvarch-train run ({holder}); wait for it "
+                "to finish, or pass another hydra.run.dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:  # the file stays: unlinking it could let two later runs lock two inodes
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def rng_state() -> dict[str, Any]:

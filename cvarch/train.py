@@ -29,7 +29,14 @@ from cvarch.build import (
     instantiate,
     start_loggers,
 )
-from cvarch.checkpoint import check_fits, last_checkpoint, load_checkpoint_file, resume_path, write_metrics
+from cvarch.checkpoint import (
+    RunDirLock,
+    check_fits,
+    last_checkpoint,
+    load_checkpoint_file,
+    resume_path,
+    write_metrics,
+)
 from cvarch.config import CONFIG_PATH, ConfigError, validate
 from cvarch.cost import count_macs
 from cvarch.tta import TestTimeAugment
@@ -204,13 +211,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     key = "ckpt_path" if cfg.get("ckpt_path") else f"resume={cfg.get('resume')}"
     ckpt = load_checkpoint_file(ckpt_path, key) if ckpt_path else None  # refused now: missing, corrupt, code
     check_launch(cfg)
-    done = finished_run(Path(cfg.paths.output_dir), cfg)
-    if done is not None:
-        log.info(
-            "%s already holds a finished run of this config (metrics.json): skipped", cfg.paths.output_dir
-        )
-        return done
-    check_fresh_start(cfg, ckpt_path)
+    with RunDirLock(cfg.paths.output_dir):  # a second run in this folder is refused, naming the first
+        done = finished_run(Path(cfg.paths.output_dir), cfg)
+        if done is not None:
+            log.info(
+                "%s already holds a finished run of this config (metrics.json): skipped", cfg.paths.output_dir
+            )
+            return done
+        check_fresh_start(cfg, ckpt_path)
+        return run(cfg, transfer, source_preprocess, ckpt_path, ckpt, start)
+
+
+def run(
+    cfg: DictConfig,
+    transfer: Any,
+    source_preprocess: Any,
+    ckpt_path: str | None,
+    ckpt: dict[str, Any] | None,
+    start: float,
+) -> dict[str, Any]:
+    """The run itself, in its locked folder: builds the inputs, model and module, fits and tests, and writes
+    ``metrics.json`` (``train``'s arguments: the checked transfer, resume checkpoint and start time)."""
     trainer = build_trainer(cfg, start=False)  # knows this process's DDP rank; W&B starts after the checks
     output_dir = make_run_dir(cfg, trainer)
     pl.seed_everything(cfg.seed, workers=True)

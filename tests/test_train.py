@@ -351,6 +351,37 @@ def test_sigterm_exits_143_keeping_last_ckpt_and_resume_continues_the_run(tmp_pa
     assert metrics["epochs"] == 3 and metrics["resumed_from"] == str(last)
 
 
+@pytest.mark.slow
+def test_a_second_run_in_a_locked_folder_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(
+    tmp_path,
+):
+    run = tmp_path / "run"
+    args = ("logger=none", "trainer.max_epochs=3", f"hydra.run.dir={run}", *tmp_overrides(tmp_path))
+    with open(tmp_path / "first.txt", "w") as out:
+        first = subprocess.Popen(
+            [str(BIN / "cvarch-train"), *args, "seed=1"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and first.poll() is None:
+                if f"PID {first.pid} on" in (
+                    (run / ".lock").read_text() if (run / ".lock").is_file() else ""
+                ):
+                    break
+                time.sleep(0.05)
+            second = run_main("cvarch-train", *args, "seed=2")  # this process: the second in the folder
+            assert second.returncode != 0
+            busy = rf"hydra.run.dir: {run} is in use by another cvarch-train run \(PID {first.pid} on [^)]+\)"
+            assert re.search(busy, second.stderr), second.stderr[-3000:]
+        finally:
+            first.kill()  # SIGKILL: the lock is left behind in the file, but no process holds it
+            first.wait()
+    assert "seed: 1" in (run / "config.yaml").read_text()  # the second run wrote nothing
+    taken_over = run_main("cvarch-train", *args, "seed=1", "resume=auto")
+    assert taken_over.returncode == 0, taken_over.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
 def test_an_optimized_metric_that_is_never_written_is_refused_before_training(compose_tmp):
     from cvarch.config import ConfigError
     from cvarch.train import train
