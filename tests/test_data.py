@@ -285,6 +285,24 @@ def test_train_per_class_is_fixed_by_split_seed_and_little_is_inside_more():
     assert not torch.equal(x.train_images, y.train_images)
 
 
+def test_a_split_sweep_reads_one_cached_decode_and_gets_its_own_splits(image_tree, tmp_path, monkeypatch):
+    kwargs = dict(root=str(image_tree), num_classes=3, channels=3, cache_dir=str(tmp_path / "cache"))
+    first = ImageFolderDataModule(**kwargs)
+    first.setup()
+    decoded = []
+    real = decode.decode_image_file
+    monkeypatch.setattr(decode, "decode_image_file", lambda *a: decoded.append(a) or real(*a))
+    other_seed = ImageFolderDataModule(split_seed=3, **kwargs)
+    other_seed.setup()
+    bigger_val = ImageFolderDataModule(val_fraction=0.3, **kwargs)
+    bigger_val.setup()
+    assert decoded == [] and len(list((tmp_path / "cache").glob("*.pt"))) == 1  # one decode serves all
+    assert not torch.equal(other_seed.splits["test"].images, first.splits["test"].images)  # another carve
+    sizes = {name: len(split) for name, split in first.splits.items()}
+    assert sizes == {"train": 24, "val": 3, "test": 3}
+    assert {name: len(split) for name, split in bigger_val.splits.items()} == {"train": 18, "val": 9, "test": 3}
+
+
 def test_train_per_class_shares_the_cache_of_the_full_data(image_tree, tmp_path, monkeypatch):
     kwargs = dict(root=str(image_tree), num_classes=3, channels=3, val_fraction=0.2, test_fraction=0.2)
     full = ImageFolderDataModule(cache_dir=str(tmp_path / "cache"), **kwargs)

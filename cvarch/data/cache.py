@@ -12,7 +12,7 @@ import torch
 from cvarch.checkpoint import load_checkpoint_file
 from cvarch.data.splits import Split
 
-CACHE_VERSION = 1  # bump when the cached layout changes, so old caches are ignored
+CACHE_VERSION = 2  # bump when the cached layout changes, so old caches are ignored (2: uncarved folders)
 
 
 def cached_splits(

@@ -88,6 +88,12 @@ class ImageDataModule(pl.LightningDataModule):
         """A string that changes whenever the source data changes; ``None`` disables the disk cache."""
         return None
 
+    def carve_splits(self, splits: dict[str, Split | FileSplit]) -> dict[str, Split | FileSplit]:
+        """The splits after the cache: a subclass whose :meth:`load_splits` returns the decoded source
+        (what the fingerprint covers) carves validation and test here, so a change of ``split_seed`` or of a
+        fraction gives new splits of the one cached decode."""
+        return splits
+
     # --- Lightning hooks -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -119,14 +125,14 @@ class ImageDataModule(pl.LightningDataModule):
         """:meth:`load_splits`, through the disk cache when there is a fingerprint and a ``cache_dir``."""
         key = self.fingerprint()
         if key is None or self.cache_dir is None:
-            return self.load_splits()
+            return self.carve_splits(self.load_splits())
 
         def load() -> tuple[dict[str, Split], list[str]]:
             splits = self.load_splits()
             return splits, self.classes  # after the load, which may name the classes (CIFAR's archive does)
 
         splits, self.classes = cached_splits(self.cache_dir, type(self).__name__, key, load)
-        return splits
+        return self.carve_splits(splits)
 
     def _subsample(self, train: Split | FileSplit) -> Split | FileSplit:
         """``train_per_class`` images of each class of ``train`` (see :func:`per_class_subset`)."""

@@ -139,6 +139,12 @@ class ImageFolderDataModule(ImageDataModule):
                 name: decode_files(files, self.channels, self.image_size, self.on_corrupt == "skip")
                 for name, files in self._files.items()
             }
+        return decoded
+
+    def carve_splits(self, splits: dict[str, Split | FileSplit]) -> dict[str, Split | FileSplit]:
+        """Carves the missing ``test`` and ``val`` from ``train`` (after the cache, which holds the decoded
+        folders only: the split keys are not part of its fingerprint)."""
+        decoded = dict(splits)
         train = decoded["train"]
         if "test" not in decoded:
             train, decoded["test"] = carve(train, self.test_fraction, self.split_seed, "data.test_fraction")
