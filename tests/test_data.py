@@ -12,6 +12,7 @@ import pytest
 import torch
 from torchvision.io import decode_image, write_jpeg
 
+import cvarch
 from cvarch.data import (
     BatchLoader,
     DigitsDataModule,
@@ -24,7 +25,7 @@ from cvarch.data import (
     per_class_subset,
     stream,
 )
-from tests.conftest import make_image_tree
+from tests.conftest import make_image_tree, tmp_overrides
 
 
 def digits(**kwargs) -> DigitsDataModule:
@@ -300,7 +301,8 @@ def test_a_split_sweep_reads_one_cached_decode_and_gets_its_own_splits(image_tre
     assert not torch.equal(other_seed.splits["test"].images, first.splits["test"].images)  # another carve
     sizes = {name: len(split) for name, split in first.splits.items()}
     assert sizes == {"train": 24, "val": 3, "test": 3}
-    assert {name: len(split) for name, split in bigger_val.splits.items()} == {"train": 18, "val": 9, "test": 3}
+    bigger = {name: len(split) for name, split in bigger_val.splits.items()}
+    assert bigger == {"train": 18, "val": 9, "test": 3}
 
 
 def test_train_per_class_shares_the_cache_of_the_full_data(image_tree, tmp_path, monkeypatch):
@@ -543,6 +545,33 @@ def test_a_streamed_folder_fits_statistics_on_a_seeded_sample(image_tree, monkey
     assert sample.shape == (5, 3, 12, 12) and torch.equal(sample, streamed.train_images)  # drawn once
     rows = {tuple(image.flatten().tolist()) for image in in_memory.train_images}
     assert all(tuple(image.flatten().tolist()) in rows for image in sample)  # training images only
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_a_truncated_file_of_a_streamed_folder_is_named_before_any_training(image_tree, tmp_path, kind):
+    from torchvision.io import encode_jpeg
+
+    bad = image_tree / "train" / "dog" / "005.png"
+    if kind == "jpeg":  # a JPEG whose last bytes (and end marker) were never copied
+        jpeg = encode_jpeg(torch.full((3, 12, 12), 90, dtype=torch.uint8)).numpy().tobytes()
+        bad.unlink()
+        bad = bad.with_suffix(".jpg")
+        bad.write_bytes(jpeg[: len(jpeg) - 40])
+    else:
+        bad.write_bytes(bad.read_bytes()[:-20])
+    cfg = cvarch.compose(*tmp_overrides(tmp_path), "data=imagefolder", f"data.root={image_tree}",
+                         "data.num_classes=3", "data.stream=true", "logger=none")  # fmt: skip
+    with pytest.raises(ValueError, match=rf"not a decodable image: {re.escape(str(bad))} \(truncated"):
+        cvarch.train(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+
+
+def test_checking_a_streamed_folder_reads_no_image_data(image_tree, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(decode, "decode_image_file", lambda *a: decoded.append(a))
+    streamed = ImageFolderDataModule(root=str(image_tree), num_classes=3, channels=3, stream=True)
+    streamed.setup()
+    assert decoded == [] and len(streamed.splits["train"]) == 24
 
 
 def test_stream_auto_streams_a_tree_bigger_than_half_the_free_memory(image_tree, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cvarch.data.datamodule import ImageDataModule
-from cvarch.data.decode import decode_files
+from cvarch.data.decode import check_files, decode_files
 from cvarch.data.placement import available_memory
 from cvarch.data.scan import scan_split
 from cvarch.data.splits import FileSplit, Split, carve
@@ -129,7 +129,9 @@ class ImageFolderDataModule(ImageDataModule):
         return h.hexdigest()
 
     def load_splits(self) -> dict[str, Split | FileSplit]:
-        if self.streamed:
+        if self.streamed:  # each file's signature and end marker are read now, so a bad one is named at once
+            for files in self._files.values():
+                check_files(files)
             decoded = {
                 name: FileSplit([f for f, _ in files], torch.tensor([y for _, y in files], dtype=torch.long))
                 for name, files in self._files.items()
