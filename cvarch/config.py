@@ -98,6 +98,7 @@ def validate(cfg: DictConfig) -> None:
     errors: list[str] = []
     if not isinstance(plain.get("seed", 0), int) or isinstance(plain.get("seed"), bool):
         errors.append(f"seed: expected an integer, got {plain['seed']!r}")
+    errors += _out_of_range(plain)
     if "scheduler" in plain:
         plain["scheduler"], lightning = scheduler_parts(plain["scheduler"])
         if plain["scheduler"] is not None and lightning.get("interval", "epoch") not in ("epoch", "step"):
@@ -124,6 +125,40 @@ def validate(cfg: DictConfig) -> None:
     _check(plain, "", errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _out_of_range(plain: dict[str, Any]) -> list[str]:
+    """Values of the right type that cannot work: a negative seed, a run that trains nothing or never stops,
+    zero threads, a one-class classifier, Adam's betas not a pair in [0, 1)."""
+    errors = []
+    seed = plain.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < 2**32:
+        errors.append(f"seed: must be in [0, 2**32 - 1] (what NumPy's generator takes), got {seed}")
+    trainer = plain.get("trainer") or {}
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if epochs == 0 or steps == 0:
+        key = "trainer.max_epochs" if epochs == 0 else "trainer.max_steps"
+        errors.append(f"{key}: 0 trains nothing; a model is evaluated with cvarch-eval")
+    elif epochs == -1 and (steps is None or steps == -1):
+        errors.append("trainer.max_epochs: -1 without trainer.max_steps trains forever; set one of them")
+    threads = plain.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        errors.append(
+            f"threads: a positive number of torch threads, or null for the default, got {threads!r}"
+        )
+    num_classes = (plain.get("data") or {}).get("num_classes")
+    if _number(num_classes) and num_classes < 2:
+        errors.append(f"data.num_classes: a classifier needs at least 2 classes, got {num_classes}")
+    betas = (plain.get("optimizer") or {}).get("betas")
+    if betas is not None and not (
+        isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        errors.append(f"optimizer.betas: two numbers in [0, 1) (Adam's β1, β2), got {betas!r}")
+    return errors
 
 
 def _check(node: Any, path: str, errors: list[str]) -> None:

@@ -327,11 +327,17 @@ def test_every_shipped_config_target_is_in_the_packaged_set():
         ("optimizer.lr=-0.1", r"optimizer.lr: the learning rate must be > 0, got -0.1"),
         ("model.dropout=1.0", r"model.dropout: a drop probability must be in \[0, 1\), got 1.0"),
         ("model.drop_path=-0.2", r"model.drop_path: a drop probability must be in \[0, 1\), got -0.2"),
+        ("seed=-1", r"seed: must be in \[0, 2\*\*32 - 1\] \(what NumPy's generator takes\), got -1"),
+        ("trainer.max_epochs=0", r"trainer.max_epochs: 0 trains nothing"),
+        ("trainer.max_epochs=-1", r"trainer.max_epochs: -1 without trainer.max_steps trains forever"),
+        ("threads=0", r"threads: a positive number of torch threads, or null for the default, got 0"),
+        ("data.num_classes=1", r"data.num_classes: a classifier needs at least 2 classes, got 1"),
+        ("optimizer=adam optimizer.betas=[0.9]", r"optimizer.betas: two numbers in \[0, 1\) .*got \[0.9\]"),
     ],
 )
 def test_rates_out_of_range_are_named_before_any_work(override, message, compose_tmp):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_tmp(override))
+        validate(compose_tmp(*override.split()))
 
 
 def test_a_read_only_output_dir_is_an_error_naming_it_before_any_work(compose_tmp, tmp_path):
