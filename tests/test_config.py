@@ -146,8 +146,9 @@ def test_unknown_key_of_a_target_is_named(compose_tmp):
 
 def test_cli_wrong_type_fails_before_any_run_dir_is_filled(tmp_path):
     proc = run_main("cvarch-train", "optimizer.lr=abc", "logger=none", f"paths.log_dir={tmp_path}")
-    assert proc.returncode != 0
-    assert "optimizer.lr: expected float" in proc.stderr
+    assert proc.returncode == 1
+    assert "cvarch-train: invalid config:\n  optimizer.lr: expected float" in proc.stderr
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr  # the message, no trace
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
 
 
