@@ -59,6 +59,13 @@ def test_wandb_that_cannot_start_falls_back_to_csv_and_loses_no_metric(compose_t
     assert "val/acc" in csv_file.read_text().splitlines()[0]
 
 
+def test_wandb_mode_is_offline_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert cvarch.compose("logger=wandb").logger.wandb.mode == "offline"  # no account, no network
+    monkeypatch.setenv("WANDB_MODE", "online")  # what W&B's own docs tell users to export
+    assert cvarch.compose("logger=wandb").logger.wandb.mode == "online"
+
+
 def test_sweep_group_is_task_and_sweep_time_unless_the_user_chose_one():
     from cvarch.build import sweep_group
 
