@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -103,6 +104,9 @@ class ClassificationModule(pl.LightningModule):
             }
         )
         self._batch_idx = -1  # of the running training epoch, for _pending_plateau_steps
+        # wall-clock seconds of the run before this invocation (a resume's checkpoint's) and this one's start:
+        # checkpoints carry the total, so a resumed run reports the whole run's time, not only its own
+        self.wall_before, self.wall_start = 0.0, time.perf_counter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(x))
@@ -146,6 +150,7 @@ class ClassificationModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_state"] = rng_state()  # dropout, stochastic depth: the global generators
+        checkpoint["wall_s_total"] = self.wall_before + time.perf_counter() - self.wall_start
         state = self.augment.rng_state()
         if state is not None:  # a resumed run continues the augmentation stream
             checkpoint["augment_rng_state"] = state.cpu()
@@ -158,6 +163,7 @@ class ClassificationModule(pl.LightningModule):
             self.augment.set_rng_state(checkpoint["augment_rng_state"])
         self._plateau_steps_to_replay = checkpoint.get("plateau_steps_pending", [])
         self._rng_state_to_restore = checkpoint.get("rng_state")
+        self.wall_before = float(checkpoint.get("wall_s_total", 0.0))
 
     def _pending_plateau_steps(self) -> list[float]:
         """The metrics of the epoch-end ``ReduceLROnPlateau`` steps Lightning has yet to take when a

@@ -243,8 +243,11 @@ def run(
     model = build_model(cfg, image_shape=input_shape, batch=batch, transfer=transfer)
     cost = model_cost(model, input_shape)
     module = build_module(cfg, model, preprocess=preprocess, augment=augment, transfer=transfer)
+    module.wall_start = start  # the checkpoints' wall_s_total counts from the start of train()
+    before = 0.0  # wall-clock seconds of the invocations a resume continues
     if ckpt is not None:
         check_fits(module, ckpt, ckpt_path, num_classes=cfg.data.num_classes)
+        before = float(ckpt.get("wall_s_total", 0.0))
         del ckpt  # Lightning loads it again in fit
     start_loggers(trainer, cfg)
     try:
@@ -257,7 +260,8 @@ def run(
     metrics = {
         **results,
         "epochs": trainer.current_epoch,
-        "wall_s": round(time.perf_counter() - start, 2),
+        "wall_s": round(time.perf_counter() - start, 2),  # this invocation
+        "wall_s_total": round(before + time.perf_counter() - start, 2),  # and those it continues
         "threads": torch.get_num_threads(),
         **cost,
         "resumed_from": ckpt_path,

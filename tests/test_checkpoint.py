@@ -315,8 +315,11 @@ def test_resume_true_continues_the_run_directory_from_its_last_checkpoint(one_ep
     assert resume_path(cfg) == str(run / "checkpoints" / "last.ckpt")
     last = cvarch.compose(*tmp_overrides(tmp), f"hydra.run.dir={run}", "ckpt_path=last")
     assert resume_path(last) == str(run / "checkpoints" / "last.ckpt")  # the same file, Lightning's spelling
+    before = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["wall_s_total"]
     metrics = cvarch.train(cfg)
     assert metrics["epochs"] == 2 and metrics["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    # this invocation's time, and the whole run's: the first invocation's (to its last checkpoint) added
+    assert 0 < before and metrics["wall_s_total"] == pytest.approx(before + metrics["wall_s"], abs=0.02)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
 

@@ -33,6 +33,7 @@ METRICS = {
     "test/acc_tta_top5",
     "epochs",
     "wall_s",
+    "wall_s_total",
     "params",
     "gmacs",
 }
