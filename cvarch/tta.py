@@ -9,6 +9,7 @@ it is resized. A plain class: it holds no parameters and adds nothing to the che
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -74,6 +75,7 @@ class TestTimeAugment:
         self.chunk_size = chunk_size
         self.crop: int | None = None  # None: the input's shorter side
         self.padding = 0
+        self._warned = False  # the duplicate-views warning is given once
 
     def configure(self, crop: int, padding: int = 0) -> TestTimeAugment:
         """Sets the training input's geometry, which the views reproduce; returns self.
@@ -133,6 +135,8 @@ class TestTimeAugment:
             canvas = self._pad(image)
             height, width = canvas.shape[-2:]
             anchors = [(_center_offset(height, crop), _center_offset(width, crop))]
+            if self.mode == "ten_crop" and (height, width) == (crop, crop):
+                self._warn_duplicate_views(crop)
             if self.mode == "ten_crop":
                 bottom, right = height - crop, width - crop
                 anchors = [(0, 0), (0, right), (bottom, 0), (bottom, right), *anchors]
@@ -144,6 +148,20 @@ class TestTimeAugment:
             for top, left in anchors:
                 mirror = width - crop - left
                 yield canvas[..., top : top + crop, mirror : mirror + crop].flip(-1)
+
+    def _warn_duplicate_views(self, crop: int) -> None:
+        """Warns once that ten crops of a canvas no larger than the crop are 2 distinct views at 10's cost."""
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"tta=ten_crop: the test images (with the crop padding of {self.padding}) are no larger than "
+            f"the training crop ({crop}×{crop}), so the ten crops are five copies of the centre view and "
+            "five of its flip: 2 distinct views at the cost of 10. Use tta=flip, or a crop with padding "
+            "(augment=crop, augment=cifar) or larger test images",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     @torch.no_grad()  # evaluation only: no graph outlives its chunk, so memory stays bounded by chunk_size
     def predict(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,20 @@ def test_ten_crop_equals_torchvision_ten_crop_of_the_padded_image(size, crop, pa
         assert torch.equal(view, ref), f"view {i} differs from torchvision's ten_crop"
     float_views = list(_option("ten_crop").configure(crop, padding).views(_as_float(x)))
     assert all(torch.equal(v, _as_float(ref)) for v, ref in zip(float_views, expected, strict=True))
+
+
+def test_ten_crop_on_images_the_size_of_the_crop_warns_that_its_views_are_duplicates():
+    tta = TestTimeAugment(views="ten_crop").configure(8)
+    x = torch.rand(2, 3, 8, 8)
+    duplicates = r"padding of 0\) are no larger than the training crop \(8×8\), so the ten crops are five"
+    with pytest.warns(RuntimeWarning, match=duplicates):
+        views = list(tta.views(x))
+    assert all(torch.equal(v, views[0]) for v in views[:5])
+    assert all(torch.equal(v, views[5]) for v in views[5:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(TestTimeAugment(views="ten_crop").configure(8, padding=2).views(x))  # padded: distinct corners
+        list(tta.views(x))  # warned once
 
 
 def test_padding_shifts_the_corner_views_by_the_training_crops_extremes():
