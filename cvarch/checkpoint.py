@@ -252,6 +252,32 @@ class RunDirLock:
             self.fd = None
 
 
+def remove_orphans(callbacks: Sequence[Any]) -> list[Path]:
+    """Deletes the checkpoints in the ``ModelCheckpoint`` callbacks' folders that none of them keeps (its
+    best k, best and last): after a kill between a new best checkpoint's write and ``last.ckpt``'s, the
+    resumed run redoes that epoch and its callbacks no longer know the file, so ``save_top_k`` would never
+    remove it. Call it after a resumed fit; returns the deleted paths."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    savers = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
+    kept = {
+        Path(p).resolve()
+        for c in savers
+        for p in (*c.best_k_models, c.best_model_path, c.last_model_path)
+        if p
+    }
+    orphans = [
+        path
+        for folder in {Path(c.dirpath) for c in savers}
+        for path in folder.glob("*.ckpt")
+        if path.resolve() not in kept
+    ]
+    for path in orphans:
+        log.info("removing %s: a checkpoint of the killed invocation that no callback keeps", path)
+        path.unlink(missing_ok=True)
+    return orphans
+
+
 def rng_state() -> dict[str, Any]:
     """The global RNGs' state (torch CPU and CUDA, NumPy, Python) in tensors and plain containers, so that
     ``weights_only`` loads it: dropout, stochastic depth and anything else drawing from the global generators

@@ -36,6 +36,7 @@ from cvarch.checkpoint import (
     check_fits,
     last_checkpoint,
     load_checkpoint_file,
+    remove_orphans,
     resume_path,
     write_metrics,
 )
@@ -343,6 +344,8 @@ def fit_and_test(
     """Fits (from ``ckpt_path`` if given), then validates and tests the best checkpoint (the last weights when
     no checkpoint was kept); returns ``train/loss``, the val and test metrics and ``best_ckpt``."""
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if ckpt_path and trainer.is_global_zero:  # a killed invocation may have left a best file nobody keeps
+        remove_orphans(trainer.checkpoint_callbacks)
     callback = trainer.checkpoint_callback
     best = (callback.best_model_path if isinstance(callback, ModelCheckpoint) else "") or None
     train_loss = trainer.callback_metrics.get("train/loss")

@@ -231,6 +231,17 @@ def test_a_fresh_run_in_a_killed_runs_folder_is_refused_and_overwrites_nothing(o
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.ckpt")} == before
 
 
+def test_a_resumed_run_removes_the_best_checkpoint_its_killed_invocation_left_behind(one_epoch_run, tmp_path):
+    def orphan(last: Path) -> Path:  # killed after epoch 1's new best was written, before its last.ckpt
+        (best,) = last.parent.glob("epoch000-*.ckpt")
+        return Path(shutil.copy(best, last.parent / "epoch001-acc0.9999.ckpt"))
+
+    run, overrides, left = _damaged_copy(one_epoch_run, tmp_path, orphan)
+    metrics = cvarch.train(cvarch.compose(*overrides, "resume=true"))
+    kept = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert not left.exists() and kept == sorted({"last.ckpt", Path(metrics["best_ckpt"]).name})
+
+
 def _poison(path: Path) -> str:
     """Sets one weight of the model in ``path`` to NaN; returns the tensor's name."""
     ckpt = torch.load(path, weights_only=True)
