@@ -150,6 +150,9 @@ def _out_of_range(plain: dict[str, Any]) -> list[str]:
         errors.append(
             f"threads: a positive number of torch threads, or null for the default, got {threads!r}"
         )
+    size = (plain.get("data") or {}).get("image_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        errors.append(f"data.image_size: a side in pixels (>= 1), or null for the native size; got {size!r}")
     num_classes = (plain.get("data") or {}).get("num_classes")
     if _number(num_classes) and num_classes < 2:
         errors.append(f"data.num_classes: a classifier needs at least 2 classes, got {num_classes}")

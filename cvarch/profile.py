@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cvarch.build import build_model
-from cvarch.config import CONFIG_PATH
+from cvarch.config import CONFIG_PATH, validate
 from cvarch.cost import MB, Profile, profile_model, write_profile
 from cvarch.models import native_size
 
@@ -85,6 +85,7 @@ def run(cfg: DictConfig) -> Profile:
     Args:
         cfg: the ``profile`` root config.
     """
+    validate(cfg)  # data.image_size=abc is named here, not by a tensor constructor deep in the model
     prof = profile(cfg)
     write_profile(prof, cfg.paths.output_dir, cfg.output)
     print_table(prof)

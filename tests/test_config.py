@@ -333,6 +333,7 @@ def test_every_shipped_config_target_is_in_the_packaged_set():
         ("trainer.max_epochs=-1", r"trainer.max_epochs: -1 without trainer.max_steps trains forever"),
         ("threads=0", r"threads: a positive number of torch threads, or null for the default, got 0"),
         ("data.num_classes=1", r"data.num_classes: a classifier needs at least 2 classes, got 1"),
+        ("data.image_size=abc", r"data.image_size: a side in pixels \(>= 1\), or null .*got 'abc'"),
         ("optimizer=adam optimizer.betas=[0.9]", r"optimizer.betas: two numbers in \[0, 1\) .*got \[0.9\]"),
     ],
 )

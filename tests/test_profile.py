@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import cvarch
 from cvarch.cost import Profile, Row, Totals, profile_model, write_profile
 from tests.conftest import report
 from tests.lecture import LECTURE, googlenet_alexnet_param_ratio, inception_module_macs, profile
@@ -176,3 +177,11 @@ def test_default_input_is_the_models_native_size():
         for name in ("vgg16", "alexnet", "resnet20")
     }
     assert sizes == {"vgg16": (3, 224, 224), "alexnet": (3, 227, 227), "resnet20": (3, 32, 32)}
+
+
+def test_a_bad_image_size_is_named_before_any_model_is_built():
+    from cvarch.config import ConfigError
+    from cvarch.profile import run
+
+    with pytest.raises(ConfigError, match=r"data.image_size: a side in pixels .*got 'abc'"):
+        run(cvarch.compose("model=resnet20", "data.image_size=abc", config_name="profile"))
