@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
+import sys
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,6 +52,22 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
             cfg.paths.output_dir = cfg.hydra.runtime.output_dir
         del cfg["hydra"]
     return cfg
+
+
+@contextlib.contextmanager
+def plain_config_errors(tool: str) -> Iterator[None]:
+    """Around a console script's work: a config error of a single run ends it with ``<tool>: <message>`` on
+    stderr and exit status 1, not Hydra's traceback; ``HYDRA_FULL_ERROR=1`` keeps the traceback. In a multirun
+    the error stays an exception, which Hydra records as that job's failure while the other jobs run."""
+    try:
+        yield
+    except ConfigError as err:
+        from hydra.types import RunMode
+
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode != RunMode.RUN:
+            raise
+        print(f"{tool}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def split_off(node: Mapping[str, Any] | None, key: str) -> tuple[dict | None, dict]:

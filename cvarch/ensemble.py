@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvarch.build import build_datamodule, build_from_checkpoint
 from cvarch.checkpoint import check_classes, load_trained
-from cvarch.config import CONFIG_PATH, check_received
+from cvarch.config import CONFIG_PATH, check_received, plain_config_errors
 from cvarch.data import SPLITS
 from cvarch.runs import list_jobs, read_job
 
@@ -225,7 +225,8 @@ class EnsembleCallback(Callback):
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="ensemble")
 def main(cfg: DictConfig) -> None:
     """``cvarch-ensemble runs=…``; the last line printed is the output directory (with ensemble.json)."""
-    report = run(cfg)
+    with plain_config_errors("cvarch-ensemble"):
+        report = run(cfg)
     print(report["output_dir"])
 
 

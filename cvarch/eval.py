@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvarch.build import build_datamodule, build_from_checkpoint, instantiate
 from cvarch.checkpoint import check_classes, load_trained, write_metrics
-from cvarch.config import CONFIG_PATH
+from cvarch.config import CONFIG_PATH, plain_config_errors
 from cvarch.data import SPLITS
 
 
@@ -55,7 +55,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     """``cvarch-eval ckpt_path=…``; the last line printed is the run directory."""
-    metrics = evaluate(cfg)
+    with plain_config_errors("cvarch-eval"):
+        metrics = evaluate(cfg)
     print(metrics["output_dir"])
 
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cvarch.build import build_model
-from cvarch.config import CONFIG_PATH, validate
+from cvarch.config import CONFIG_PATH, plain_config_errors, validate
 from cvarch.cost import MB, Profile, profile_model, write_profile
 from cvarch.models import native_size
 
@@ -95,7 +95,8 @@ def run(cfg: DictConfig) -> Profile:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="profile")
 def main(cfg: DictConfig) -> None:
     """``cvarch-profile model=…``; prints the table, then the run directory as the last line."""
-    run(cfg)
+    with plain_config_errors("cvarch-profile"):
+        run(cfg)
     print(cfg.paths.output_dir)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -10,7 +9,6 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from cvarch.checkpoint import (
     resume_path,
     write_metrics,
 )
-from cvarch.config import CONFIG_PATH, ConfigError, validate
+from cvarch.config import CONFIG_PATH, ConfigError, plain_config_errors, validate
 from cvarch.cost import count_macs
 from cvarch.tta import TestTimeAugment
 
@@ -358,26 +356,10 @@ def fit_and_test(
     }
 
 
-@contextlib.contextmanager
-def plain_config_errors() -> Iterator[None]:
-    """A config error of a single run ends it with its one-line message on stderr and exit status 1, not
-    Hydra's traceback; ``HYDRA_FULL_ERROR=1`` keeps the traceback. In a multirun the error stays an
-    exception, which Hydra records as that job's failure while the other jobs run."""
-    try:
-        yield
-    except ConfigError as err:
-        from hydra.types import RunMode
-
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode != RunMode.RUN:
-            raise
-        print(f"cvarch-train: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float:
     """``cvarch-train [overrides]``; the last line printed is the run directory."""
-    with plain_config_errors():
+    with plain_config_errors("cvarch-train"):
         metrics = train(cfg)
     print(metrics["output_dir"])
     return metrics.get(cfg.optimized_metric)  # what a Hydra sweeper (hparams_search) optimizes

@@ -15,7 +15,7 @@ import pytest
 
 import cvarch
 from cvarch.cost import Profile, Row, Totals, profile_model, write_profile
-from tests.conftest import report
+from tests.conftest import report, run_main
 from tests.lecture import LECTURE, googlenet_alexnet_param_ratio, inception_module_macs, profile
 from tests.test_cost import stack
 
@@ -185,3 +185,6 @@ def test_a_bad_image_size_is_named_before_any_model_is_built():
 
     with pytest.raises(ConfigError, match=r"data.image_size: a side in pixels .*got 'abc'"):
         run(cvarch.compose("model=resnet20", "data.image_size=abc", config_name="profile"))
+    cli = run_main("cvarch-profile", "model=resnet20", "data.image_size=abc")  # the message, no traceback
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert "cvarch-profile: invalid config:\n  data.image_size: a side in pixels" in cli.stderr
