@@ -107,6 +107,7 @@ class ClassificationModule(pl.LightningModule):
         # wall-clock seconds of the run before this invocation (a resume's checkpoint's) and this one's start:
         # checkpoints carry the total, so a resumed run reports the whole run's time, not only its own
         self.wall_before, self.wall_start = 0.0, time.perf_counter()
+        self.checkpoint_epoch: int | None = None  # the epoch of the newest checkpoint saved or resumed from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.preprocess(x))
@@ -151,6 +152,7 @@ class ClassificationModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_state"] = rng_state()  # dropout, stochastic depth: the global generators
         checkpoint["wall_s_total"] = self.wall_before + time.perf_counter() - self.wall_start
+        self.checkpoint_epoch = checkpoint.get("epoch")
         state = self.augment.rng_state()
         if state is not None:  # a resumed run continues the augmentation stream
             checkpoint["augment_rng_state"] = state.cpu()
@@ -164,6 +166,8 @@ class ClassificationModule(pl.LightningModule):
         self._plateau_steps_to_replay = checkpoint.get("plateau_steps_pending", [])
         self._rng_state_to_restore = checkpoint.get("rng_state")
         self.wall_before = float(checkpoint.get("wall_s_total", 0.0))
+        if self._trainer is None or self.trainer.state.fn == "fit":  # not the best one validate/test load
+            self.checkpoint_epoch = checkpoint.get("epoch")
 
     def _pending_plateau_steps(self) -> list[float]:
         """The metrics of the epoch-end ``ReduceLROnPlateau`` steps Lightning has yet to take when a

@@ -280,9 +280,10 @@ def preempted(cfg: DictConfig, trainer: pl.Trainer) -> int:
     sweep) continues the run from ``last.ckpt``, the end of its last full epoch: a mid-epoch checkpoint would
     not resume bit-identically, as cvarch's resumes do, since the batch order is drawn per epoch."""
     last = last_checkpoint(cfg)
+    epoch = getattr(trainer.lightning_module, "checkpoint_epoch", None)  # not re-read: SLURM's grace is short
     where = (
-        f"{last} (end of epoch {load_checkpoint_file(last)['epoch']}) continues it"
-        if last.is_file()
+        f"{last} (end of epoch {epoch}) continues it"
+        if last.is_file() and epoch is not None
         else f"no epoch had finished, so it starts over ({last} does not exist yet)"
     )
     message = (
