@@ -7,13 +7,14 @@ ARGS   ?=
 
 .PHONY: install train test test-fast bench lint format clean
 
-# --no-compile: Python writes the .pyc of what is imported on first use instead of pip compiling all of torch's
-# files up front (2 cores: 113 s instead of 174 s); the venv's own pip (23.2+) installs editable pyproject projects
+# pip byte-compiles what it installs (not --no-compile: where PYTHONDONTWRITEBYTECODE=1, as on the development
+# VM, nothing would ever write a .pyc and every interpreter the tests start would recompile torch from source);
+# the venv's own pip (23.2+) installs editable pyproject projects, so it is not upgraded first
 install: $(STAMP)  ## venv + editable install with the dev extra (redone only when pyproject.toml changes)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 train: install  ## train the default model on the embedded digits dataset; ARGS="model=... optimizer.lr=..." are Hydra overrides
