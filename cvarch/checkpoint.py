@@ -50,7 +50,7 @@ def load_checkpoint_file(path: str | Path, key: str = "ckpt_path") -> Any:
     if path.stat().st_size == 0:
         raise ValueError(f"{key}: {path} is empty (0 bytes): not a checkpoint{_intact_hint(path)}")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = _torch_load(path, "cpu")
     except pickle.UnpicklingError as err:
         if "Weights only load failed" not in str(err):  # a legacy-format pickle cut short
             raise ValueError(
@@ -90,6 +90,19 @@ def check_finite(blob: Any, where: str) -> None:
             )
 
 
+def _torch_load(path: Path, map_location: str) -> Any:
+    """The one ``torch.load`` of cvarch: always ``weights_only=True``."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def unwritable(folder: Path, err: OSError) -> PermissionError:
+    """The error of a run directory that cannot be written, raised before any work."""
+    return PermissionError(
+        f"paths.output_dir: cannot write the run directory {folder} ({err.strerror}); set paths.log_dir (or "
+        "hydra.run.dir) to a writable folder"
+    )
+
+
 def _first_line(err: BaseException) -> str:
     """The first sentence of an exception's message (torch's run to a paragraph), or ``(no message)``."""
     line = (str(err).strip().splitlines() or ["(no message)"])[0]
@@ -103,7 +116,7 @@ def _intact_hint(path: Path) -> str:
     for other in sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
         if other != path and other.stat().st_size > 0:
             try:
-                torch.load(other, map_location="meta", weights_only=True)
+                _torch_load(other, "meta")  # shapes only: is it whole?
             except Exception:
                 continue
             intact.append(other.name)
@@ -227,10 +240,7 @@ class RunDirLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:  # before any work: a run that cannot save its checkpoints must not start
-            raise PermissionError(
-                f"paths.output_dir: cannot write the run directory {self.folder} ({err.strerror}); set "
-                "paths.log_dir (or hydra.run.dir) to a writable folder"
-            ) from None
+            raise unwritable(self.folder, err) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -36,6 +36,7 @@ from cvarch.checkpoint import (
     load_checkpoint_file,
     remove_orphans,
     resume_path,
+    unwritable,
     write_metrics,
 )
 from cvarch.config import CONFIG_PATH, ConfigError, plain_config_errors, validate
@@ -319,10 +320,7 @@ def make_run_dir(cfg: DictConfig, trainer: pl.Trainer) -> Path:
             output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, output_dir / "config.yaml")
         except OSError as err:  # before any work: a run that cannot save its checkpoints must not start
-            raise PermissionError(
-                f"paths.output_dir: cannot write the run directory {output_dir} ({err.strerror}); set "
-                "paths.log_dir (or hydra.run.dir) to a writable folder"
-            ) from None
+            raise unwritable(output_dir, err) from None
     return output_dir
 
 
