@@ -5,7 +5,7 @@ per image in PIL or in the DataLoader workers. Every random number comes from on
 batch's device, seeded with the run's ``seed``, so a run is reproducible from its seed and its checkpoint.
 Options are dicts of named ops (``conf/augment/<option>.yaml``); a list of options on the command line
 (``augment=[cifar,cutout]``) merges their ops, and :class:`Augment` runs them in the order of their ``stage``:
-geometric, colour, erasing, label mixing. Validation and test batches are never augmented.
+ops keyed by the image's pixels (alternating flips), geometric, colour, erasing, label mixing. Validation and test batches are never augmented.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ from torch import nn
 class AugmentOp(nn.Module):
     """Base of every augmentation op: a random map of a float batch and its targets.
 
-    Subclasses set ``stage`` (the order :class:`Augment` runs them in: 0 geometric, 1 colour, 2 erasing,
-    3 label mixing) and implement ``forward(x, y, generator)`` on float (N, C, H, W) images in [0, 1] (or
+    Subclasses set ``stage`` (the order :class:`Augment` runs them in: −1 ops keyed by the image's own pixels,
+    0 geometric, 1 colour, 2 erasing, 3 label mixing) and implement ``forward(x, y, generator)`` on float (N, C, H, W) images in [0, 1] (or
     also uint8 ones where ``on_uint8``) and int64 (N,) labels or float (N, K) soft targets.
     """
 
     stage: int = 0
-    padding: int = 0  # zero padding of the random crop; only Crop sets it, test-time views reuse it
+    padding: int = 0  # padding of the random crop; only Crop sets it, test-time views reuse it
+    padding_mode: str = "constant"  # how Crop pads: zeros ("constant") or mirrored pixels ("reflect")
+    epoch: int = 0  # the training epoch, set by Augment.set_epoch; AlternatingFlip's flips depend on it
     # pure index ops (crops, flips) give the same pixels on uint8 as on floats: they run on the uint8 batch,
     # a quarter of the bytes, and the preprocess group's fused pass does the one conversion to float
     on_uint8: bool = False
@@ -87,6 +89,16 @@ class Augment(nn.Module):
     def padding(self) -> int:
         """The random crop's zero padding, or 0 without one."""
         return next((op.padding for op in self.ops.values() if op.padding), 0)
+
+    @property
+    def padding_mode(self) -> str:
+        """How the random crop pads: ``"constant"`` (zeros) or ``"reflect"``."""
+        return next((op.padding_mode for op in self.ops.values() if op.padding), "constant")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tells every op the training epoch about to run (the module calls it at each epoch start)."""
+        for op in self.ops.values():
+            op.epoch = epoch
 
     def output_size(self, size: int) -> int:
         """Side of the augmented images, given the side of the training images."""
@@ -227,28 +239,68 @@ class Flip(AugmentOp):
         return torch.cat([x, x.flip(-1)]).index_select(0, index), y
 
 
-class Crop(AugmentOp):
-    """Zero-pads each side by ``padding``, then takes a random crop of side round(scale·S) per image.
+class AlternatingFlip(Flip):
+    """airbench's derandomized flips: each image is mirrored in every other epoch, from a random first one.
 
-    He et al. 2015 §4.2 (CIFAR: "4 pixels are padded on each side, and a 32×32 crop is randomly sampled");
-    Krizhevsky et al. 2012 §4.1 (random 224×224 patches of the 256×256 images: padding 0, scale 224/256).
+    Jordan 2024, airbench (arXiv:2404.00498) §3.6, "alternating flip": an image flipped in epoch 0 is shown
+    unflipped in epoch 1, flipped in epoch 2, and so on; so over any two epochs every image is seen both ways,
+    where random flips leave a quarter of the images one way only. The first-epoch choice is a fixed random
+    bit per image. airbench stores it by pre-flipping the dataset; here it is keyed by the image itself, a
+    seeded hash of its uint8 pixels, so no per-image state, index or loader change is needed, and streamed,
+    resumed and DDP runs agree. The op runs first (stage −1), on the images as loaded.
 
     Args:
-        padding: zero pixels added on each side before cropping.
+        seed: seed of the hash (different seeds, different first-epoch flips).
+    """
+
+    stage = -1
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(p=0.5)
+        self.seed = seed
+        self._keys: torch.Tensor | None = None
+
+    def first_epoch_flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool (N,): the epoch-0 flip of each image, bit 30 of Σ pixel·key with seeded random 31-bit keys."""
+        pixels = x if x.dtype == torch.uint8 else (x * 255).round()
+        pixels = pixels.reshape(x.shape[0], -1).long()
+        if self._keys is None or self._keys.numel() != pixels.shape[1] or self._keys.device != x.device:
+            generator = torch.Generator().manual_seed(self.seed)
+            self._keys = torch.randint(0, 2**31, (pixels.shape[1],), generator=generator).to(x.device)
+        return ((pixels * self._keys).sum(dim=1) >> 30) & 1 == 1  # exact in int64: < 2^8 · 2^31 · 2^24
+
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor]:
+        """Bool (N,): which images are mirrored in this epoch; no random draw."""
+        return (self.first_epoch_flip(x) ^ bool(self.epoch % 2),)
+
+
+class Crop(AugmentOp):
+    """Pads each side by ``padding``, then takes a random crop of side round(scale·S) per image.
+
+    He et al. 2015 §4.2 (CIFAR: "4 pixels are padded on each side, and a 32×32 crop is randomly sampled");
+    Krizhevsky et al. 2012 §4.1 (random 224×224 patches of the 256×256 images: padding 0, scale 224/256);
+    airbench (Jordan 2024 §3.3): 2-pixel translations of the reflect-padded image (``augment=flip_translate``).
+
+    Args:
+        padding: pixels added on each side before cropping.
         scale: crop side as a fraction of the input side (1: the input size).
+        padding_mode: ``"constant"`` pads zeros (He et al.), ``"reflect"`` mirrors the border (airbench).
     """
 
     stage = 0
     on_uint8 = True
 
-    def __init__(self, padding: int = 4, scale: float = 1.0) -> None:
+    def __init__(self, padding: int = 4, scale: float = 1.0, padding_mode: str = "constant") -> None:
         super().__init__()
         if padding < 0:
             raise ValueError(f"augment.ops.crop.padding must be >= 0, got {padding}")
         if not 0.0 < scale <= 1.0:
             raise ValueError(f"augment.ops.crop.scale must be in (0, 1], got {scale}")
+        if padding_mode not in ("constant", "reflect"):
+            raise ValueError(f"augment.ops.crop.padding_mode must be constant or reflect, got {padding_mode!r}")
         self.padding = padding
         self.scale = scale
+        self.padding_mode = padding_mode
 
     def output_size(self, size: int) -> int:
         return round(self.scale * size)
@@ -270,7 +322,7 @@ class Crop(AugmentOp):
         n, c, h, w = x.shape
         out_h, out_w = self.output_size(h), self.output_size(w)
         if self.padding:
-            x = F.pad(x, [self.padding] * 4)
+            x = F.pad(x, [self.padding] * 4, mode=self.padding_mode)
         # every window of every image as a view (N, rows, cols, C, out_h, out_w), then one gather of whole
         # windows by (image, top, left): no loop over images, 5× faster than per-pixel index grids
         x = x.contiguous()

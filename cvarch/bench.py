@@ -10,9 +10,9 @@ Four figures, each measured in one process with the torch thread count pinned, A
    + ``augment=cifar`` + the fused ``preprocess=standardize``) against torchvision's per-image PIL pipeline
    (``ImageFolder`` + ``RandomCrop(32, 4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``,
    2 workers), both on the same image-folder tree.
-2. ``step``: steady-state training images/s of a ``cvarch-train`` run (``model=resnet20``, batch 128) against
-   a hand-written loop over the same model, data tensors, optimizer and augmentation, without Lightning, Hydra
-   or logging. Warm-up steps are excluded.
+2. ``step``: steady-state training images/s of a ``cvarch-train`` run (``model=resnet20``, batch 128; or the
+   recipe ``experiment=`` names, e.g. ``speedrun94``) against a hand-written loop over the same model, data
+   tensors, optimizer and augmentation, without Lightning, Hydra or logging. Warm-up steps are excluded.
 3. ``epoch``: wall time of one full training epoch plus validation, ``cvarch-train`` against the loop.
 4. ``startup``: seconds from launching ``cvarch-train`` to its first training step, and the seconds of that
    spent importing (``python -X importtime``).
@@ -179,18 +179,22 @@ def cvarch_loader_rate(raw: RawLoop, batches: int) -> float:
 
 
 # --- 2 and 3. cvarch-train against a hand-written loop ------------------------------------------------------
-def run_overrides(root: Path, num_classes: int, out: Path, extra: Sequence[str] = ()) -> list[str]:
-    """The ``cvarch-train`` overrides every benchmark run shares: ResNet-20, batch 128, CIFAR augmentation,
-    the image folder at ``root``, logs in ``out``, and the :class:`StepTimer` callback."""
+def run_overrides(
+    root: Path, num_classes: int, out: Path, extra: Sequence[str] = (), experiment: str | None = None
+) -> list[str]:
+    """The ``cvarch-train`` overrides every benchmark run shares: ResNet-20, batch 128, CIFAR augmentation
+    (or the recipe of ``experiment``, e.g. ``speedrun94``), the image folder at ``root``, logs in ``out``, and
+    the :class:`StepTimer` callback."""
+    recipe = (
+        [f"experiment={experiment}"]
+        if experiment
+        else ["model=resnet20", "data=imagefolder", "data.batch_size=128", "augment=cifar", "scheduler=none"]
+    )
     return [
-        "model=resnet20",
-        "data=imagefolder",
+        *recipe,
         f"data.root={root}",
         f"data.num_classes={num_classes}",
-        "data.batch_size=128",
-        "augment=cifar",
         "preprocess=standardize",
-        "scheduler=none",
         f"paths.log_dir={out}/logs",
         f"threads={torch.get_num_threads()}",
         "+callbacks.bench_timer._target_=cvarch.bench.StepTimer",
@@ -239,9 +243,12 @@ class RawLoop:
     def fresh(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """A newly initialized model and its optimizer (the config's SGD: lr, momentum, weight decay)."""
         from cvarch.build import build_model
+        from cvarch.train import init_batch
 
         torch.manual_seed(self.cfg.seed)
-        model = build_model(self.cfg, image_shape=self.shape).to(self.device)
+        batch = init_batch(self.cfg, self.datamodule, self.preprocess.cpu(), self.shape)  # data-driven inits
+        self.preprocess.to(self.device)
+        model = build_model(self.cfg, image_shape=self.shape, batch=batch).to(self.device)
         opt = self.cfg.optimizer
         optimizer = torch.optim.SGD(
             model.parameters(),
@@ -255,6 +262,7 @@ class RawLoop:
     def train_epoch(self, model, optimizer, steps: int | None = None, epoch: int = 0) -> list[float]:
         """One epoch (or its first ``steps`` batches) of SGD; returns each batch's start time."""
         images, targets = self.splits["train"]
+        self.augment.set_epoch(epoch)
         order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(epoch)).to(self.device)
         model.train()
         times = []
@@ -262,7 +270,7 @@ class RawLoop:
             synchronize(self.device)
             times.append(time.time())
             x, y = self.augment(images[index], targets[index])
-            loss = F.cross_entropy(model(self.preprocess(x)), y)
+            loss = F.cross_entropy(model(self.preprocess(x)), y, label_smoothing=self.cfg.loss.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -270,9 +278,11 @@ class RawLoop:
 
     @torch.no_grad()
     def validate(self, model) -> float:
-        """Accuracy on the validation split."""
+        """Accuracy on the validation split (0 without one: ``data.val_fraction=0``)."""
         model.eval()
         images, targets = self.splits["val"]
+        if not len(targets):
+            return 0.0
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for x, y in zip(images.split(self.batch_size), targets.split(self.batch_size), strict=True):
             correct += (model(self.preprocess(x)).argmax(1) == y).sum()
@@ -374,8 +384,9 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
     if quick:  # a few steps each: checks the harness, not the speed
         extra.append("data.batch_size=8")
     train_overrides = list(cfg.train_overrides)
-    raw = RawLoop(run_overrides(root, num_classes, out, extra), device)
-    base = run_overrides(root, num_classes, out, [*extra, *train_overrides])  # cvarch's runs only
+    experiment = cfg.get("experiment")
+    raw = RawLoop(run_overrides(root, num_classes, out, extra, experiment), device)
+    base = run_overrides(root, num_classes, out, [*extra, *train_overrides], experiment)  # cvarch's runs only
     results: dict[str, Any] = {
         "machine": machine(),
         "device": str(device),
@@ -383,6 +394,7 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
         "quick": quick,
         "repeats": repeats,
         "overrides": train_overrides,
+        "experiment": experiment,
     }
     batch = raw.batch_size
     warmup, steps = (1, 3) if quick else (cfg.warmup, cfg.steps)
@@ -403,9 +415,9 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
 
     if "step" in only:
         limits = [
-            f"+trainer.max_steps={warmup + steps}",
-            "+trainer.limit_val_batches=1",
-            "+trainer.limit_test_batches=1",
+            f"++trainer.max_steps={warmup + steps}",
+            "++trainer.limit_val_batches=1",
+            "++trainer.limit_test_batches=1",
         ]
 
         def cvarch_step() -> float:
@@ -416,10 +428,11 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
             return rate(raw.train_epoch(model, optimizer, steps=warmup + steps + 1), warmup, batch)
 
         results["step"] = compare("step", *alternate(cvarch_step, raw_step, repeats), unit="images/s")
-        results["step"].update(warmup_steps=warmup, timed_steps=steps, batch_size=batch, model="resnet20")
+        model = raw.cfg.model._target_.rsplit(".", 1)[-1]
+        results["step"].update(warmup_steps=warmup, timed_steps=steps, batch_size=batch, model=model)
 
     if "epoch" in only:
-        epoch = ["trainer.max_epochs=1", "+trainer.limit_test_batches=1"]
+        epoch = ["trainer.max_epochs=1", "++trainer.max_steps=-1", "++trainer.limit_test_batches=1"]
 
         def cvarch_epoch() -> float:
             start, end = cvarch_run([*base, *epoch], out)["epochs"][0]
@@ -437,9 +450,9 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
     if "startup" in only:
         first = [
             *base,
-            "+trainer.max_steps=1",
-            "+trainer.limit_val_batches=1",
-            "+trainer.limit_test_batches=1",
+            "++trainer.max_steps=1",
+            "++trainer.limit_val_batches=1",
+            "++trainer.limit_test_batches=1",
         ]
         seconds = [startup_seconds(first, out) for _ in range(repeats)]
         imports, slowest = import_seconds(first)

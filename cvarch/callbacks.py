@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -421,3 +422,69 @@ class TestPredictions(pl.Callback):
                 f"{prefix}/predictions": table,
             }
         )
+
+
+class _EvaluateAveraged:
+    """Mixin of the weight-averaging callbacks: ``validate``/``test`` on a checkpoint evaluate its averaged
+    weights. Lightning 2.6's ``WeightAveraging.on_load_checkpoint`` loads the trained weights (kept under
+    ``current_model_state``) back into the module whenever its average exists, which after a fit is also when
+    cvarch-train tests its checkpoint; only a fit (a resume) needs them."""
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+class EMA(_EvaluateAveraged, EMAWeightAveraging):
+    """An exponential moving average of the weights (and BN statistics), which validation, test and the final
+    weights use: Polyak & Juditsky 1992; timm's ``--model-ema``. Lightning's ``EMAWeightAveraging``, whose
+    arguments it takes (``decay``, ``update_every_n_steps``, ``update_starting_at_step``, ``use_buffers``)."""
+
+
+class Lookahead(_EvaluateAveraged, WeightAveraging):
+    """airbench's lookahead: every ``every_n_steps`` steps the slow weights move toward the trained ones by
+    ``1 − decay``, and the trained weights are reset to the slow ones.
+
+    Jordan 2024, airbench (arXiv:2404.00498) §3.5, after Zhang et al. 2019, "Lookahead Optimizer: k steps
+    forward, 1 step back". The decay grows as ``decay · (step / total)^power`` (airbench94: 0.95⁵ and a cube),
+    so early steps keep the trained weights and late ones average more. Parameters and floating-point buffers
+    (BN statistics) are averaged. It is Lightning's :class:`~pytorch_lightning.callbacks.WeightAveraging`
+    with a write-back: validation, test and the final weights use the slow weights, and checkpoints keep both
+    (see Lightning's ``on_save_checkpoint``), as with ``callbacks=ema``.
+
+    Args:
+        every_n_steps: optimizer steps between updates (airbench94: 5).
+        decay: the decay at the last step (airbench94: 0.95⁵ ≈ 0.774).
+        power: the decay's growth with the run's progress (airbench94: 3).
+    """
+
+    def __init__(self, every_n_steps: int = 5, decay: float = 0.95**5, power: float = 3.0) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"callbacks.lookahead.every_n_steps must be >= 1, got {every_n_steps}")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"callbacks.lookahead.decay must be in [0, 1], got {decay}")
+        if power < 0:
+            raise ValueError(f"callbacks.lookahead.power must be >= 0, got {power}")
+        super().__init__(use_buffers=True, avg_fn=self._lerp)
+        self.every_n_steps = every_n_steps
+        self.decay = decay
+        self.power = power
+        self._decay_now = 0.0
+
+    def _lerp(self, slow: torch.Tensor, fast: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if not slow.is_floating_point():  # num_batches_tracked: the trained count
+            return fast
+        return slow.lerp(fast.to(slow.dtype), 1.0 - self._decay_now)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and (step_idx + 1) % self.every_n_steps == 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        total = max(int(trainer.estimated_stepping_batches), 1)
+        self._decay_now = self.decay * min(trainer.global_step / total, 1.0) ** self.power
+        before = self._latest_update_step  # Lightning 2.6's WeightAveraging: the step of the last update
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._latest_update_step != before:  # updated: the trained weights restart from the slow ones
+            self._copy_average_to_current(pl_module)

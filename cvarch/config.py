@@ -73,7 +73,7 @@ def plain_config_errors(tool: str) -> Iterator[None]:
 def split_off(node: Mapping[str, Any] | None, key: str) -> tuple[dict | None, dict]:
     """Splits a group's node into its ``_target_`` config and the sub-key ``key``, which is not a constructor
     argument: ``lightning`` of the ``scheduler`` group (``monitor``, ``interval``, ``frequency``) and
-    ``groups`` of the ``optimizer`` group (``decay_norm_bias``, ``lr_mult``: see
+    ``groups`` of the ``optimizer`` group (``decay_norm_bias``, ``lr_mult``, ``norm_bias_lr_mult``: see
     :func:`cvarch.optimizer.param_groups`). An empty or missing node gives ``(None, {})``."""
     if not node:
         return None, {}
@@ -126,9 +126,11 @@ def validate(cfg: DictConfig) -> None:
             )
     if "optimizer" in plain:
         plain["optimizer"], groups = optimizer_parts(plain["optimizer"])
-        unknown = sorted(set(groups) - {"decay_norm_bias", "lr_mult"})
+        unknown = sorted(set(groups) - {"decay_norm_bias", "lr_mult", "norm_bias_lr_mult"})
         if unknown:
-            errors.append(f"optimizer.groups: unknown keys {unknown}; expected decay_norm_bias, lr_mult")
+            errors.append(
+                f"optimizer.groups: unknown keys {unknown}; expected decay_norm_bias, lr_mult, norm_bias_lr_mult"
+            )
     lr = (plain.get("optimizer") or {}).get("lr")
     if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not lr > 0:
         errors.append(f"optimizer.lr: the learning rate must be > 0, got {lr}")

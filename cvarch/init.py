@@ -16,6 +16,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
@@ -268,8 +269,107 @@ class LSUV(Reinit):
                 m.training = mode
 
 
+class PatchWhitening(Default):
+    """``init=patch_whitening``: the model's first conv becomes the whitening transform of its input patches.
+
+    Jordan 2024, airbench (arXiv:2404.00498) §3.2: the 2×2 stem is fixed to the eigenvectors of the training
+    patches' covariance, each scaled by 1/√(λ + ε), and their negatives; the lecture's PCA/whitening slide as
+    a layer. The patches are every k×k window (stride 1) of the first conv's input on the batch, i.e. after
+    the preprocess group, as airbench whitens normalized images. Like airbench, the covariance is the second
+    moment ``PᵀP / n`` (standardized inputs have mean ≈ 0). The other layers keep the model's own init.
+
+    The first conv (in forward order) of ``k×k`` kernels on ``C`` channels has ``d = C·k²`` inputs per output;
+    with ``out ≤ d`` outputs it gets the ``out`` leading eigenvectors (PCA whitening, truncated), with
+    ``out = 2d`` every eigenvector and its negative (airbench: 24 = 2·3·2², so a following ReLU/GELU keeps
+    both signs). Its bias is zeroed; its weight is frozen when ``freeze`` (airbench), so the optimizer never
+    sees it.
+
+    Args:
+        eps: added to each eigenvalue before the square root (airbench: 5e-4).
+        freeze: exclude the whitened weight from training (airbench: frozen).
+    """
+
+    name = "patch_whitening"
+    needs_batch = True
+
+    def __init__(self, eps: float = 5e-4, freeze: bool = True) -> None:
+        _positive(self.name, eps=eps)
+        self.eps = eps
+        self.freeze = freeze
+
+    def __call__(self, model: nn.Module, batch: torch.Tensor | None = None) -> nn.Module:
+        if batch is None:
+            raise ValueError(f"init={self.name} is data-driven: a batch is required, PatchWhitening()(model, batch=x)")
+        conv, name, inputs = first_conv_input(model, batch)
+        c, k_h, k_w = conv.in_channels, *conv.kernel_size
+        d, out = c * k_h * k_w, conv.out_channels
+        if conv.groups != 1 or not (out <= d or out == 2 * d):
+            raise ValueError(
+                f"init={self.name}: the first conv '{name}' has {out} outputs (groups={conv.groups}); whitening "
+                f"its {c}×{k_h}×{k_w} patches needs groups=1 and at most {d} outputs, or exactly {2 * d} "
+                "(each eigenvector and its negative)"
+            )
+        eigenvalues, eigenvectors = patch_eigens(inputs, (k_h, k_w), conv.dilation)
+        filters = (eigenvectors / torch.sqrt(eigenvalues + self.eps)[:, None]).view(d, c, k_h, k_w)
+        if out == 2 * d:
+            filters = torch.cat([filters, -filters])
+        with torch.no_grad():
+            conv.weight.copy_(filters[:out].to(conv.weight.dtype))
+            if conv.bias is not None:
+                conv.bias.zero_()
+        if self.freeze:
+            conv.weight.requires_grad_(False)
+        return model
+
+
+def first_conv_input(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Conv2d, str, torch.Tensor]:
+    """``(conv, name, input)``: the first ``Conv2d`` that ``model``'s forward calls on ``batch``, and its input.
+
+    The forward stops at that conv, in eval mode (no running statistic changes), without gradients.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    found: list[tuple[nn.Conv2d, torch.Tensor]] = []
+
+    def capture(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        found.append((module, args[0]))
+        raise _Found
+
+    hooks = [m.register_forward_pre_hook(capture) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch)
+    except _Found:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no Conv2d for init=patch_whitening to whiten")
+    conv, inputs = found[0]
+    return conv, names[conv], inputs
+
+
+class _Found(Exception):
+    pass
+
+
+def patch_eigens(
+    x: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int] = (1, 1)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (d,) and eigenvectors (d, d), one per row, of the second moment of every k×k patch of
+    ``x`` (N, C, H, W), largest first, in float64; ``d = C·k²`` in ``Conv2d`` weight order (C, kh, kw)."""
+    patches = F.unfold(x.double(), kernel_size, dilation=dilation)  # (N, C·kh·kw, L)
+    patches = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·L, d)
+    second_moment = patches.T @ patches / patches.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)  # ascending, eigenvectors as columns
+    return eigenvalues.flip(0).clamp_min(0), eigenvectors.T.flip(0)
+
+
 SCHEMES: dict[str, type[Default]] = {
-    cls.name: cls for cls in (Default, Constant, Normal, Xavier, Kaiming, Orthogonal, LSUV)
+    cls.name: cls for cls in (Default, Constant, Normal, Xavier, Kaiming, Orthogonal, LSUV, PatchWhitening)
 }
 
 
@@ -285,8 +385,8 @@ def apply_init(
     Args:
         model: a freshly built model.
         scheme: a name of :data:`SCHEMES` (``default``, ``constant``, ``normal``, ``xavier``, ``kaiming``,
-            ``orthogonal``, ``lsuv``); see each scheme's class for what it does.
-        batch: a training batch, for the data-driven schemes (``lsuv``).
+            ``orthogonal``, ``lsuv``, ``patch_whitening``); see each scheme's class for what it does.
+        batch: a training batch, for the data-driven schemes (``lsuv``, ``patch_whitening``).
         **options: the scheme's options, its class's arguments.
 
     Raises:

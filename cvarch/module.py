@@ -125,13 +125,14 @@ class ClassificationModule(pl.LightningModule):
         frozen_eval(self.model)
         self._train_acc_logged = False
         self._batch_idx = -1
+        self.augment.set_epoch(self.current_epoch)  # alternating flips (airbench) depend on the epoch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
 
     def set_image_size(self, size: int) -> None:
         """Sizes the test-time views for images of side ``size``: the center view is the training crop."""
-        self.tta.configure(self.augment.output_size(size), self.augment.padding)
+        self.tta.configure(self.augment.output_size(size), self.augment.padding, self.augment.padding_mode)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -14,6 +14,9 @@ from typing import Any
 
 from torch import nn
 
+# the norm layers whose shift β norm_bias_lr_mult scales (cvarch's own norms subclass these)
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
 
 def matches(name: str, prefix: str) -> bool:
     """Whether the dotted parameter ``name`` lies under the module ``prefix``: "layer4" matches "layer4" and
@@ -45,6 +48,7 @@ def param_groups(
     weight_decay: float = 0.0,
     decay_norm_bias: bool = True,
     lr_mult: Mapping[str, float] | None = None,
+    norm_bias_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Splits the trainable parameters of ``model`` into ``torch.optim`` parameter groups.
 
@@ -62,6 +66,10 @@ def param_groups(
         lr_mult: module-name prefix (dotted, matched at a ``.`` boundary) → multiplier of ``lr``; the
             longest matching prefix wins and unmatched parameters get 1. Keys are checked against all
             parameters, frozen ones included: a typo fails, a key naming a frozen module does not.
+        norm_bias_lr_mult: a further multiplier of the lr of every norm layer's shift β (BatchNorm,
+            GroupNorm, LayerNorm). Their weight decay is divided by it, so the decay step lr·λ stays that
+            of the other parameters: airbench's ``bias_scaler`` (Jordan 2024 §3.4: 64, "scales up the
+            learning rate but not the weight decay" of the BN biases).
 
     Returns:
         One dict per (weight decay, multiplier) pair, in order of their first parameter in
@@ -74,6 +82,13 @@ def param_groups(
     """
     named = list(model.named_parameters())
     prefixes = _check_lr_mult(lr_mult or {}, [name for name, _ in named])
+    if isinstance(norm_bias_lr_mult, bool) or not (
+        isinstance(norm_bias_lr_mult, (int, float)) and math.isfinite(norm_bias_lr_mult) and norm_bias_lr_mult > 0
+    ):
+        raise ValueError(f"optimizer.groups.norm_bias_lr_mult must be a finite number > 0, got {norm_bias_lr_mult!r}")
+    norm_biases = {
+        id(m.bias) for m in model.modules() if isinstance(m, NORMS) and getattr(m, "bias", None) is not None
+    }
     # longest first: the first match is the most specific module
     by_length = sorted(prefixes, key=len, reverse=True)
     groups: dict[tuple[float, float], dict[str, Any]] = {}
@@ -82,6 +97,8 @@ def param_groups(
             continue
         mult = next((prefixes[p] for p in by_length if matches(name, p)), 1.0)
         decay = 0.0 if (not decay_norm_bias and param.ndim <= 1) else weight_decay
+        if id(param) in norm_biases and norm_bias_lr_mult != 1.0:
+            mult, decay = mult * norm_bias_lr_mult, decay / norm_bias_lr_mult
         if (decay, mult) not in groups:
             label = "decay" if decay else "no_decay"
             groups[decay, mult] = {

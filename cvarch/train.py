@@ -346,7 +346,8 @@ def fit_and_test(
     callback = trainer.checkpoint_callback
     best = (callback.best_model_path if isinstance(callback, ModelCheckpoint) else "") or None
     train_loss = trainer.callback_metrics.get("train/loss")
-    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    # no validation split (data.val_fraction=0): validate returns no results, and the last weights are tested
+    val = next(iter(trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)), {})
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=True)[0]
     return {
         "train/loss": float(train_loss) if train_loss is not None else None,

@@ -1,4 +1,4 @@
-"""The ``tta`` group: test-time augmentation, the softmax averaged over several views of each test image.
+"""The ``tta`` group: test-time augmentation, the softmax (or the logits) averaged over views of each test image.
 
 Every view is a ``crop``×``crop`` window, the network's training input size, of a canvas: the test image
 (resized first when ``sizes`` is given) zero-padded by the training crop's ``padding``, so the corner windows
@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 # views per scale of each ``views`` option
-VIEWS_PER_SCALE = {"none": 1, "flip": 2, "ten_crop": 10}
+VIEWS_PER_SCALE = {"none": 1, "flip": 2, "ten_crop": 10, "flip_translate": 6}
+# airbench's (Jordan 2024 §3.7) weights of its six views: the centre and its flip a quarter each, the four
+# translated views an eighth each
+FLIP_TRANSLATE_WEIGHTS = (0.25, 0.125, 0.125, 0.25, 0.125, 0.125)
 
 
 def _center_offset(length: int, crop: int) -> int:
@@ -34,11 +37,13 @@ class TestTimeAugment:
     The views of one scale come in torchvision's ``ten_crop`` order: the windows of the canvas, then the same
     windows of the horizontally flipped canvas. ``ten_crop`` gives top-left, top-right, bottom-left,
     bottom-right, centre, then those five of the flipped canvas; ``flip`` gives the centre, then the centre of
-    the flipped canvas. Scales come in the order of ``sizes``.
+    the flipped canvas. ``flip_translate`` (airbench, Jordan 2024 §3.7) gives the centre, the centre shifted
+    by ``translate`` pixels up-left and down-right (of the centre view reflect-padded by ``translate``), then
+    their flips, weighted ¼, ⅛, ⅛, ¼, ⅛, ⅛ as airbench does. Scales come in the order of ``sizes``.
 
     Args:
-        views: ``"none"`` (the centre view), ``"flip"`` (centre and its horizontal flip) or ``"ten_crop"``
-            (four corners and centre, and their flips).
+        views: ``"none"`` (the centre view), ``"flip"`` (centre and its horizontal flip), ``"ten_crop"``
+            (four corners and centre, and their flips) or ``"flip_translate"`` (airbench's six views).
         sizes: ``None`` takes the views of the image at its own size. Otherwise ResNet's multi-scale protocol:
             for each size the image is resized (bilinear, antialiased) so its shorter side is
             ``round(crop * size / train_size)``, i.e. sizes are the paper's shorter sides (224 … 640) for its
@@ -46,6 +51,9 @@ class TestTimeAugment:
             in [0, 1], uint8 input included.
         train_size: the paper's training crop, in its pixels (ResNet: 224); the unit of ``sizes``.
         chunk_size: views per forward pass, concatenated along the batch; bounds memory, not the result.
+        translate: shift in pixels of the translated views of ``flip_translate`` (airbench94: 1).
+        average: ``"softmax"`` averages the views' probabilities (Krizhevsky et al.), ``"logits"`` their logits
+            (airbench), then takes the softmax.
     """
 
     __test__ = False  # a "Test…" class that pytest must not collect
@@ -56,6 +64,8 @@ class TestTimeAugment:
         sizes: Sequence[int] | None = None,
         train_size: int = 224,
         chunk_size: int = 10,
+        translate: int = 1,
+        average: str = "softmax",
     ) -> None:
         if views not in VIEWS_PER_SCALE:
             raise ValueError(f"tta.views must be one of {', '.join(VIEWS_PER_SCALE)}, got {views!r}")
@@ -69,20 +79,28 @@ class TestTimeAugment:
             raise ValueError(f"tta.train_size must be a positive number of pixels, got {train_size}")
         if chunk_size < 1:
             raise ValueError(f"tta.chunk_size must be >= 1 view per forward pass, got {chunk_size}")
+        if translate < 1:
+            raise ValueError(f"tta.translate must be a positive number of pixels, got {translate}")
+        if average not in ("softmax", "logits"):
+            raise ValueError(f"tta.average must be softmax or logits, got {average!r}")
         self.mode = views  # not ``self.views``: that name is the method
         self.sizes = sizes
         self.train_size = train_size
         self.chunk_size = chunk_size
+        self.translate = translate
+        self.average = average
         self.crop: int | None = None  # None: the input's shorter side
         self.padding = 0
+        self.padding_mode = "constant"
         self._warned = False  # the duplicate-views warning is given once
 
-    def configure(self, crop: int, padding: int = 0) -> TestTimeAugment:
+    def configure(self, crop: int, padding: int = 0, padding_mode: str = "constant") -> TestTimeAugment:
         """Sets the training input's geometry, which the views reproduce; returns self.
 
         Args:
             crop: side of the training inputs in pixels (the augment group's output size).
-            padding: zero padding of the training random crop in pixels (CIFAR: 4, He et al. 2015 §4.2).
+            padding: padding of the training random crop in pixels (CIFAR: 4, He et al. 2015 §4.2).
+            padding_mode: how the training crop pads, ``"constant"`` (zeros) or ``"reflect"``.
         """
         if crop < 1:
             raise ValueError(f"tta crop (the augment group's output size) must be >= 1 pixel, got {crop}")
@@ -94,11 +112,12 @@ class TestTimeAugment:
             self._check_fits(side, side, crop, padding, size)
         self.crop = crop
         self.padding = padding
+        self.padding_mode = padding_mode
         return self
 
     @property
     def num_views(self) -> int:
-        """Views per image: 1, 2 or 10 per scale, times the number of scales."""
+        """Views per image: 1, 2, 6 or 10 per scale, times the number of scales."""
         return VIEWS_PER_SCALE[self.mode] * (len(self.sizes) if self.sizes else 1)
 
     def center(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +151,9 @@ class TestTimeAugment:
         crop = self._check(x)
         for size, image in self._scales(x, crop):
             self._check_fits(image.shape[-2], image.shape[-1], crop, self.padding, size)
+            if self.mode == "flip_translate":
+                yield from self._flip_translate(image)
+                continue
             canvas = self._pad(image)
             height, width = canvas.shape[-2:]
             anchors = [(_center_offset(height, crop), _center_offset(width, crop))]
@@ -149,6 +171,23 @@ class TestTimeAugment:
                 mirror = width - crop - left
                 yield canvas[..., top : top + crop, mirror : mirror + crop].flip(-1)
 
+    def _flip_translate(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
+        """airbench's six views of one scale: centre, shifted up-left, shifted down-right, then their flips."""
+        centre = self.center(image)
+        t, crop = self.translate, centre.shape[-1]
+        shifted = F.pad(centre, [t] * 4, mode="reflect")
+        views = [centre, shifted[..., :crop, :crop], shifted[..., 2 * t :, 2 * t :]]
+        yield from views
+        for view in views:
+            yield view.flip(-1)
+
+    def weights(self) -> torch.Tensor:
+        """(num_views,) float32 weights of the views, summing to 1: uniform, or airbench's for flip_translate."""
+        scales = len(self.sizes) if self.sizes else 1
+        if self.mode == "flip_translate":
+            return torch.tensor(FLIP_TRANSLATE_WEIGHTS * scales) / scales
+        return torch.full((self.num_views,), 1.0 / self.num_views)
+
     def _warn_duplicate_views(self, crop: int) -> None:
         """Warns once that ten crops of a canvas no larger than the crop are 2 distinct views at 10's cost."""
         if self._warned:
@@ -165,10 +204,11 @@ class TestTimeAugment:
 
     @torch.no_grad()  # evaluation only: no graph outlives its chunk, so memory stays bounded by chunk_size
     def predict(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Returns the (N, K) mean over views of softmax(forward(view)), in float32.
+        """Returns the (N, K) weighted mean over views of softmax(forward(view)), in float32; with
+        ``average="logits"``, the softmax of the weighted mean of the logits.
 
         Krizhevsky et al. 2012 §4.1: "averaging the predictions made by the network's softmax layer on the ten
-        patches"; He et al. 2015 §3.4: "average the scores at multiple scales".
+        patches"; He et al. 2015 §3.4: "average the scores at multiple scales"; Jordan 2024 §3.7 (logits).
 
         Args:
             forward: maps (M, C, crop, crop) views to (M, K) logits; called on at most ``chunk_size`` views
@@ -177,18 +217,23 @@ class TestTimeAugment:
         """
         n = x.shape[0]
         views = self.views(x)
+        weights = self.weights().to(x.device)
         total, count = None, 0
         while chunk := list(itertools.islice(views, self.chunk_size)):
-            logits = forward(torch.cat(chunk))
-            probs = logits.float().softmax(dim=-1).view(len(chunk), n, -1).sum(dim=0)
-            total = probs if total is None else total + probs
+            scores = forward(torch.cat(chunk)).float()
+            if self.average == "softmax":
+                scores = scores.softmax(dim=-1)
+            w = weights[count : count + len(chunk)].view(-1, 1, 1)
+            scores = (scores.view(len(chunk), n, -1) * w).sum(dim=0)
+            total = scores if total is None else total + scores
             count += len(chunk)
-        return total / count
+        return total if self.average == "softmax" else total.softmax(dim=-1)
 
     def __repr__(self) -> str:
         return (
             f"TestTimeAugment(views={self.mode!r}, sizes={self.sizes}, train_size={self.train_size}, "
-            f"chunk_size={self.chunk_size}, crop={self.crop}, padding={self.padding})"
+            f"chunk_size={self.chunk_size}, translate={self.translate}, average={self.average!r}, "
+            f"crop={self.crop}, padding={self.padding})"
         )
 
     def _check(self, x: torch.Tensor) -> int:
@@ -237,5 +282,5 @@ class TestTimeAugment:
                 )
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        # zeros, as the training crop pads (black, in uint8 and in [0, 1] alike)
-        return F.pad(x, [self.padding] * 4) if self.padding else x
+        # as the training crop pads: zeros (black, in uint8 and in [0, 1] alike) or mirrored pixels
+        return F.pad(x, [self.padding] * 4, mode=self.padding_mode) if self.padding else x

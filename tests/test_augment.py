@@ -13,7 +13,9 @@ from hydra.utils import instantiate
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+import cvarch
 from cvarch.augment import (
+    AlternatingFlip,
     Augment,
     Crop,
     CutMix,
@@ -478,7 +480,8 @@ def _per_image_reference(op, x: torch.Tensor, draws: list[list]) -> torch.Tensor
         d = [v[i] for v in draws]
         if isinstance(op, Crop):
             size = op.output_size(image.shape[-1])
-            out.append(TF.crop(TF.pad(image, [op.padding]), d[0], d[1], size, size))
+            padded = TF.pad(image, [op.padding], padding_mode=op.padding_mode)
+            out.append(TF.crop(padded, d[0], d[1], size, size))
         elif isinstance(op, Flip):
             out.append(TF.horizontal_flip(image) if d[0] else image)
         elif isinstance(op, Cutout):
@@ -496,7 +499,16 @@ def _per_image_reference(op, x: torch.Tensor, draws: list[list]) -> torch.Tensor
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "op", [Crop(padding=4), Crop(padding=0, scale=0.75), Flip(), Cutout(size=8)], ids=lambda o: repr(o)
+    "op",
+    [
+        Crop(padding=4),
+        Crop(padding=0, scale=0.75),
+        Crop(padding=2, padding_mode="reflect"),  # augment=flip_translate's translation
+        Flip(),
+        AlternatingFlip(),
+        Cutout(size=8),
+    ],
+    ids=lambda o: f"{o!r}{'-reflect' if o.padding_mode == 'reflect' else ''}",
 )
 def test_ops_on_the_device_equal_the_per_image_cpu_reference_for_the_same_draws(op, device):
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -527,3 +539,46 @@ def test_the_cifar_pipeline_stays_uint8_and_equals_the_float_pipeline_exactly(co
     on_uint8, _ = _augment(compose_tmp, "augment=cifar")(images, labels)
     on_float, _ = _augment(compose_tmp, "augment=cifar")(images.float() / 255, labels)
     assert on_uint8.dtype == torch.uint8 and torch.equal(on_uint8.float() / 255, on_float)
+
+
+def test_alternating_flips_show_every_image_both_ways_over_any_two_epochs():
+    """Jordan 2024 §3.6: epoch e mirrors an image iff its random first-epoch bit XOR (e odd); the bit is the
+    image's own (a reshuffled batch gets the same bits, permuted), about half the images start flipped, and
+    another seed gives other bits."""
+    x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    op = AlternatingFlip(seed=0)
+    flips = []
+    for epoch in range(4):
+        op.epoch = epoch
+        (flip,) = op.draw(x, torch.Generator())
+        flips.append(flip)
+    assert torch.all(flips[0] ^ flips[1]) and torch.all(flips[1] ^ flips[2])  # seen both ways in 2 epochs
+    assert torch.equal(flips[0], flips[2]) and torch.equal(flips[1], flips[3])
+    assert 0.4 < flips[0].float().mean() < 0.6
+    perm = torch.randperm(512, generator=torch.Generator().manual_seed(1))
+    op.epoch = 0
+    assert torch.equal(op.draw(x[perm], torch.Generator())[0], flips[0][perm])
+    assert torch.equal(op.draw(x.float() / 255, torch.Generator())[0], flips[0])  # the same bits on floats
+    other = AlternatingFlip(seed=1).draw(x, torch.Generator())[0]
+    assert 0.3 < (other != flips[0]).float().mean() < 0.7
+
+
+def test_training_tells_the_augment_ops_the_epoch(compose_tmp, monkeypatch):
+    seen = []
+    draw = AlternatingFlip.draw
+    monkeypatch.setattr(AlternatingFlip, "draw", lambda self, x, g: seen.append(self.epoch) or draw(self, x, g))
+    cvarch.train(
+        compose_tmp(
+            "logger=none", "augment=flip_translate", "trainer.max_epochs=2", "data.train_per_class=20",
+            "data.batch_size=100",
+        )
+    )
+    assert seen == [0, 0, 1, 1]  # 200 training images: 2 batches an epoch
+
+
+def test_flip_translate_is_airbenchs_alternating_flip_then_a_reflect_padded_2_pixel_translation(compose_tmp):
+    augment = _augment(compose_tmp, "augment=flip_translate")
+    assert [type(op) for op in augment.ops.values()] == [AlternatingFlip, Crop]
+    crop = augment.ops["translate"]
+    assert (crop.padding, crop.padding_mode, crop.output_size(32)) == (2, "reflect", 32)
+    assert (augment.padding, augment.padding_mode) == (2, "reflect")

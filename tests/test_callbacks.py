@@ -1,5 +1,5 @@
-"""LearningCurves, ActivationStats, TestPredictions, DivergenceGuard: histories, figures, W&B, init-study
-numbers, the confusion matrix, divergence."""
+"""LearningCurves, ActivationStats, TestPredictions, DivergenceGuard, EMA, Lookahead: histories, figures, W&B,
+init-study numbers, the confusion matrix, divergence, weight averages against hand-computed ones."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from cvarch.callbacks import DivergenceError, DivergenceGuard, LearningCurves
+import pytorch_lightning as pl
+
+from cvarch.callbacks import EMA, DivergenceError, DivergenceGuard, LearningCurves, Lookahead
 from tests import wandb_log
 
 
@@ -136,3 +138,99 @@ def test_divergence_guard_refuses_to_checkpoint_non_finite_weights():
         guard.on_validation_end(_trainer_at(7, 1), net)
     with pytest.raises(DivergenceError, match="1.running_var"):
         guard.on_train_epoch_end(_trainer_at(7, 1), net)
+
+
+class _Regression(pl.LightningModule):
+    """A linear regression with BatchNorm on a fixed batch: a real parameter and buffer per update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        self.x, self.y = torch.randn(8, 4), torch.randn(8, 3)
+
+    def training_step(self, batch, batch_idx):
+        return ((self.net(batch[0]) - batch[1]) ** 2).mean()
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", ((self.net(batch[0]) - batch[1]) ** 2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self):  # the one batch three times: three steps an epoch
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x.repeat(3, 1), self.y.repeat(3, 1)), batch_size=8)
+
+    test_dataloader = train_dataloader
+
+
+class _Record(pl.Callback):
+    """The weights and BN running mean after each optimizer step, before the averaging callback sees them."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items() if v.is_floating_point()})
+
+
+def _fit(tmp_path, averaging: pl.Callback) -> tuple[_Regression, list[dict[str, torch.Tensor]]]:
+    record = _Record()
+    module = _Regression()
+    trainer = pl.Trainer(
+        max_steps=3, callbacks=[record, averaging], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module)
+    return module, record.states
+
+
+def test_ema_weights_are_the_hand_computed_average_after_3_steps(tmp_path):
+    """a₁ = w₁, aₖ = d·aₖ₋₁ + (1 − d)·wₖ (Polyak averaging as timm's ModelEmaV2), BN statistics included;
+    the model ends with a₃."""
+    decay = 0.6
+    module, (w1, w2, w3) = _fit(tmp_path, EMA(decay=decay))
+    for key in w1:
+        expected = decay * (decay * w1[key] + (1 - decay) * w2[key]) + (1 - decay) * w3[key]
+        assert torch.allclose(module.state_dict()[key], expected, atol=1e-6), key
+        if not torch.equal(w1[key], w3[key]):  # (the bias before BN gets no gradient)
+            assert not torch.allclose(w3[key], expected, atol=1e-4), key  # the average is not the last weights
+
+
+def test_lookahead_resets_the_trained_weights_to_the_slow_ones_at_each_update(tmp_path):
+    """Zhang et al. 2019 / airbench: every k steps slow ← slow + (1 − d)(fast − slow), fast ← slow. With k = 1
+    and a constant d (power 0): s₁ = w₁, then sₖ = d·sₖ₋₁ + (1 − d)·wₖ where wₖ is one step from sₖ₋₁."""
+    decay = 0.5
+    module, (w1, w2, w3) = _fit(tmp_path, Lookahead(every_n_steps=1, decay=decay, power=0.0))
+    for key in w1:
+        s2 = decay * w1[key] + (1 - decay) * w2[key]
+        expected = decay * s2 + (1 - decay) * w3[key]
+        assert torch.allclose(module.state_dict()[key], expected, atol=1e-6), key
+
+
+def test_lookahead_decay_grows_with_the_cube_of_progress_and_updates_every_k_steps(tmp_path):
+    lookahead = Lookahead(every_n_steps=2, decay=0.8, power=3.0)
+    assert [lookahead.should_update(step_idx=i) for i in range(4)] == [False, True, False, True]
+    _fit(tmp_path, lookahead)
+    assert lookahead._decay_now == pytest.approx(0.8)  # the last step: progress 3/3
+    with pytest.raises(ValueError, match="callbacks.lookahead.every_n_steps"):
+        Lookahead(every_n_steps=0)
+    with pytest.raises(ValueError, match="callbacks.lookahead.decay"):
+        Lookahead(decay=1.5)
+
+
+def test_testing_a_checkpoint_after_the_fit_evaluates_the_averaged_weights(tmp_path):
+    """Lightning's WeightAveraging would load the trained weights back when ``trainer.test(ckpt_path=…)``
+    follows a fit; cvarch's callbacks keep the checkpoint's averaged ones, which cvarch-train tests."""
+    record = _Record()
+    module = _Regression()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor=None)
+    trainer = pl.Trainer(
+        max_steps=3, callbacks=[record, EMA(decay=0.6), checkpoint], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(module)
+    averaged = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer.test(module, ckpt_path=checkpoint.best_model_path, verbose=False)
+    for key, value in averaged.items():
+        assert torch.equal(module.state_dict()[key], value), key

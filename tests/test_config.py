@@ -44,6 +44,7 @@ def test_every_group_of_the_defaults_list_has_options():
         "callbacks",
         "paths",
         "experiment",
+        "ablation",
         "debug",
     }
     assert expected <= groups
@@ -110,7 +111,8 @@ def _exercise(group: str, option: str, cfg, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group, option, compose_tmp, tmp_path):
-    cfg = compose_tmp(f"{group}={option}")
+    # an ablation takes one trick out of the experiment it is swept with
+    cfg = compose_tmp(*(["experiment=speedrun94"] if group == "ablation" else []), f"{group}={option}")
     if cfg.data._target_.endswith("ImageFolderDataModule"):  # a tiny generated tree stands in for the root
         classes = cfg.data.get("classes") or [str(i) for i in range(cfg.data.num_classes)]
         cfg.data.root = str(make_image_tree(tmp_path / "tree", classes=list(classes), per_class=12))

@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 import cvarch
 from cvarch.config import CONFIG_DIR
-from cvarch.init import LSUV, SCHEMES, apply_init
+from cvarch.init import LSUV, SCHEMES, apply_init, patch_eigens
 
 OPTIONS = sorted(p.stem for p in (Path(CONFIG_DIR) / "init").glob("*.yaml"))
+DATA_DRIVEN = ("lsuv", "patch_whitening")  # called as init(model, batch=x)
+# the schemes that re-draw every layer; patch_whitening sets the first conv only (the others keep their init)
+REINIT = [s for s in OPTIONS if s not in ("default", "patch_whitening")]
 
 
 def _zoo() -> nn.Sequential:
@@ -40,7 +44,7 @@ def _init(module: nn.Module, scheme: str, **options) -> nn.Module:
     return apply_init(module, scheme, **options)
 
 
-@pytest.mark.parametrize("scheme", [s for s in OPTIONS if s != "default"])
+@pytest.mark.parametrize("scheme", REINIT)
 def test_biases_zero_and_norms_identity_after_every_scheme(scheme):
     model = _zoo()
     for p in model.parameters():
@@ -64,7 +68,7 @@ def test_each_option_builds_its_scheme_class_with_every_argument_a_key(option):
     assert node._target_ == f"cvarch.init.{cls.__name__}" and cls.name == option
     assert set(node) - {"_target_"} == set(inspect.signature(cls).parameters)
     init = instantiate(node)
-    assert type(init) is cls and init.needs_batch == (option == "lsuv")  # LSUV alone is data-driven
+    assert type(init) is cls and init.needs_batch == (option in DATA_DRIVEN)
     batch = {"batch": torch.randn(16, 3, 4, 4)} if init.needs_batch else {}
     torch.manual_seed(0)
     from_yaml = init(_zoo(), **batch)
@@ -81,7 +85,7 @@ def test_the_init_node_of_older_run_configs_still_builds_the_same_scheme(option)
     node = OmegaConf.load(Path(CONFIG_DIR) / "init" / f"{option}.yaml")
     old = {"_target_": "cvarch.init.apply_init", "_partial_": True, "scheme": option}
     old.update({key: value for key, value in node.items() if key != "_target_"})
-    batch = {"batch": torch.randn(16, 3, 4, 4)} if option == "lsuv" else {}
+    batch = {"batch": torch.randn(16, 3, 4, 4)} if option in DATA_DRIVEN else {}
     torch.manual_seed(0)
     before = instantiate(old)(_zoo(), **batch)
     torch.manual_seed(0)
@@ -244,3 +248,56 @@ def test_lecture_xavier_relu_activations_decay():
 
 def test_lecture_kaiming_relu_keeps_the_scale():
     assert 0.4 < _layer10("model.act_layer=relu", "init=kaiming").std() < 1.5
+
+
+def _correlated_images(n: int, seed: int) -> torch.Tensor:
+    """Standardized-looking images whose neighbouring pixels and channels are correlated, as photos are."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 34, 34, generator=g)
+    x = F.avg_pool2d(x, 3, stride=1)  # (n, 3, 32, 32): spatially smooth
+    return x + 0.8 * x[:, :1]  # channels share a component (grey)
+
+
+def _stem_moment(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Second moment of the stem's outputs (bias removed) over every 2×2 patch of ``x``: the covariance the
+    whitening is fitted to (airbench: uncentred)."""
+    z = model.whiten(x) - model.whiten.bias.view(1, -1, 1, 1)
+    z = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    return z.T @ z / len(z)
+
+
+def test_patch_whitening_makes_the_stems_patch_covariance_the_identity_on_other_training_images():
+    """Jordan 2024 §3.2: the stem's 12 eigen-filters whiten 2×2 patches; on images it was not fitted on the
+    covariance of their outputs is I, and the 12 negated filters give −I against them."""
+    model = cvarch.build_model("model=speedrun", "data.channels=3", "data.image_size=32")
+    apply_init(model, "patch_whitening", batch=_correlated_images(256, seed=0), eps=1e-9)
+    moment = _stem_moment(model, _correlated_images(256, seed=1))
+    eye = torch.eye(12, dtype=torch.float64)
+    assert (moment[:12, :12] - eye).abs().max() < 0.05
+    assert (moment[12:, :12] + eye).abs().max() < 0.05  # the negatives
+    assert not model.whiten.weight.requires_grad and torch.all(model.whiten.bias == 0)
+
+
+def test_patch_whitening_scales_each_eigen_direction_by_one_over_root_lambda_plus_eps():
+    """With the default ε the variance along eigenvector i is λ_i / (λ_i + ε) on the fitting batch itself."""
+    batch = _correlated_images(128, seed=2)
+    model = cvarch.build_model("model=speedrun", "data.channels=3", "data.image_size=32")
+    eps = 0.05
+    apply_init(model, "patch_whitening", batch=batch, eps=eps)
+    eigenvalues, _ = patch_eigens(batch, (2, 2))
+    moment = _stem_moment(model, batch)[:12, :12]
+    assert torch.allclose(moment, torch.diag(eigenvalues / (eigenvalues + eps)), atol=1e-6)
+
+
+def test_patch_whitening_keeps_the_leading_components_of_a_narrower_conv_and_refuses_other_widths():
+    x = _correlated_images(64, seed=3)
+    narrow = nn.Sequential(nn.Conv2d(3, 5, 2), nn.ReLU())  # 5 of the 12 components: truncated PCA whitening
+    apply_init(narrow, "patch_whitening", batch=x, eps=1e-9)
+    z = narrow[0](x).detach().permute(0, 2, 3, 1).reshape(-1, 5).double()
+    assert torch.allclose(z.T @ z / len(z), torch.eye(5, dtype=torch.float64), atol=1e-4)
+    with pytest.raises(ValueError, match=r"first conv '0' has 16 outputs.*at most 12 outputs, or exactly 24"):
+        apply_init(nn.Sequential(nn.Conv2d(3, 16, 2)), "patch_whitening", batch=x)
+    with pytest.raises(ValueError, match=r"init=patch_whitening is data-driven: a batch is required"):
+        apply_init(nn.Sequential(nn.Conv2d(3, 12, 2)), "patch_whitening")
+    with pytest.raises(ValueError, match=r"has no Conv2d"):
+        apply_init(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)), "patch_whitening", batch=x)

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+import cvarch
 from cvarch.build import build_model
 from cvarch.config import CONFIG_DIR, optimizer_parts
 from cvarch.optimizer import param_groups
@@ -210,3 +211,27 @@ def test_sgd_nesterov_is_sgd_with_nesterov_on(compose_tmp):
     sgd = OmegaConf.to_container(compose_tmp("optimizer=sgd").optimizer)
     nesterov = OmegaConf.to_container(compose_tmp("optimizer=sgd_nesterov").optimizer)
     assert nesterov == {**sgd, "nesterov": True}
+
+
+def test_norm_bias_lr_mult_scales_the_lr_of_every_norm_shift_but_not_its_decay_step():
+    """airbench's bias_scaler (Jordan 2024 §3.4): BN biases learn 64× faster, weight decay ÷ 64, so lr·λ is the
+    decay step of every other parameter; the norm's γ, the conv and the linear weights keep lr and λ."""
+    model = cvarch.build_model("model=speedrun", "data.channels=3", "data.image_size=32", "model.learn_norm_scale=true")
+    groups = param_groups(model, lr=1.5, weight_decay=0.002, norm_bias_lr_mult=64.0)
+    norm_biases = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for n in [f"{n}.bias"]}
+    fast = [g for g in groups if g["lr_mult"] == 64.0]
+    assert len(fast) == 1 and set(fast[0]["names"]) == norm_biases and len(norm_biases) == 6
+    assert fast[0]["lr"] == 1.5 * 64 and fast[0]["lr"] * fast[0]["weight_decay"] == pytest.approx(1.5 * 0.002)
+    rest = [n for g in groups if g["lr_mult"] == 1.0 for n in g["names"]]
+    assert "layer1.norm1.weight" in rest and "whiten.weight" in rest and "fc.weight" in rest
+    assert all(g["lr"] == 1.5 and g["weight_decay"] == 0.002 for g in groups if g["lr_mult"] == 1.0)
+    with pytest.raises(ValueError, match="optimizer.groups.norm_bias_lr_mult"):
+        param_groups(model, lr=0.1, norm_bias_lr_mult=0)
+
+
+def test_speedrun_model_freezes_the_norm_scales_as_airbench_and_whitening_freezes_the_stem():
+    model = cvarch.build_model("model=speedrun", "data.channels=3", "data.image_size=32")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"layer{i}.norm{j}.weight" for i in (1, 2, 3) for j in (1, 2)}
+    names = {n for g in param_groups(model, lr=0.1) for n in g["names"]}
+    assert not names & frozen and "whiten.weight" in names

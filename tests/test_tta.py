@@ -18,7 +18,7 @@ from cvarch.config import CONFIG_DIR, validate
 from cvarch.tta import TestTimeAugment
 
 OPTIONS = sorted(p.stem for p in Path(CONFIG_DIR, "tta").glob("*.yaml"))
-NUM_VIEWS = {"none": 1, "flip": 2, "ten_crop": 10, "multiscale_ten_crop": 50}
+NUM_VIEWS = {"none": 1, "flip": 2, "ten_crop": 10, "multiscale_ten_crop": 50, "flip_translate": 6}
 
 
 def _option(name: str) -> TestTimeAugment:
@@ -44,7 +44,7 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255.0) if x.dtype == torch.uint8 else x
 
 
-def test_the_group_has_the_four_options_of_issue_6():
+def test_the_group_has_the_options_of_issues_6_and_20():
     assert OPTIONS == sorted(NUM_VIEWS)
 
 
@@ -231,6 +231,8 @@ def test_predict_differs_from_the_single_view():
         ({"sizes": [224, -256]}, "tta.sizes"),
         ({"train_size": 0}, "tta.train_size"),
         ({"chunk_size": 0}, "tta.chunk_size"),
+        ({"translate": 0}, "tta.translate"),
+        ({"average": "median"}, "tta.average"),
     ],
 )
 def test_bad_values_name_their_key(kwargs, key):
@@ -253,3 +255,41 @@ def test_bad_geometry_is_refused():
         next(tta.views(x))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         TestTimeAugment().center(x[0])
+
+
+def test_flip_translate_views_are_airbenchs_six_per_image_reference_views():
+    """Jordan 2024 §3.7 (tta_level 2): the image, the image reflect-padded by 1 and cropped at (0, 0) and at
+    (2, 2), then the flips of those three; checked image by image through torchvision's functional ops."""
+    x = _images(n=3, size=32)
+    views = list(_option("flip_translate").configure(crop=32, padding=2, padding_mode="reflect").views(x))
+    for i, image in enumerate(x):
+        padded = TF.pad(image, [1], padding_mode="reflect")
+        reference = [image, TF.crop(padded, 0, 0, 32, 32), TF.crop(padded, 2, 2, 32, 32)]
+        reference += [TF.horizontal_flip(v) for v in reference]
+        for view, expected in zip(views, reference, strict=True):
+            assert view.dtype == torch.uint8 and torch.equal(view[i], expected)
+
+
+def test_flip_translate_predicts_the_softmax_of_airbenchs_weighted_mean_logits():
+    """airbench's ``infer_mirror_translate``: ½·mirror(x) + ½·mean(mirror(x shifted −1), mirror(x shifted +1)),
+    with mirror(v) = ½·net(v) + ½·net(flip v), on logits; whatever the chunk size."""
+    x = _images(n=4, size=32)
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 5))  # sees where pixels are: views differ
+    forward = lambda v: 20 * net(_as_float(v))  # noqa: E731
+
+    def mirror(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * forward(v) + 0.5 * forward(v.flip(-1))
+
+    padded = F.pad(x, [1] * 4, mode="reflect")
+    shifted = (mirror(padded[..., 0:32, 0:32]) + mirror(padded[..., 2:34, 2:34])) / 2
+    expected = (0.5 * mirror(x) + 0.5 * shifted).softmax(-1)
+    for chunk_size in (1, 4, 6):
+        tta = TestTimeAugment(views="flip_translate", average="logits", chunk_size=chunk_size).configure(crop=32)
+        assert torch.allclose(tta.predict(forward, x), expected, atol=1e-6), chunk_size
+    assert torch.allclose(tta.weights().sum(), torch.tensor(1.0))
+    # averaging probabilities instead: the weighted mean of the six softmaxes
+    probs = TestTimeAugment(views="flip_translate", average="softmax").configure(crop=32).predict(forward, x)
+    views = list(tta.views(x))
+    weighted = sum(w * forward(v).softmax(-1) for w, v in zip(tta.weights(), views, strict=True))
+    assert torch.allclose(probs, weighted, atol=1e-6) and not torch.allclose(probs, expected, atol=1e-4)

@@ -25,7 +25,9 @@ class ImageFolderDataModule(ImageDataModule):
 
     Args:
         root: folder holding ``train/`` and optionally ``val/`` and ``test/``.
-        val_fraction: stratified share of ``train/`` held out for validation when ``val/`` is absent.
+        val_fraction: stratified share of ``train/`` held out for validation when ``val/`` is absent; 0 holds
+            none out (an empty validation split): training uses every image but the test split, as airbench
+            does for its final figure, and the run keeps its last weights.
         test_fraction: stratified share of ``train/`` held out for testing when ``test/`` is absent.
         max_per_class: keep only the first N files (sorted by name) of each class; ``None`` keeps all.
         classes: class folders of ``train/`` to use, labelled in this order (label i is ``classes[i]``); the
@@ -150,7 +152,9 @@ class ImageFolderDataModule(ImageDataModule):
         train = decoded["train"]
         if "test" not in decoded:
             train, decoded["test"] = carve(train, self.test_fraction, self.split_seed, "data.test_fraction")
-        if "val" not in decoded:
+        if "val" not in decoded and self.val_fraction == 0:  # no validation: train on all non-test images
+            decoded["val"] = train.subset([])
+        elif "val" not in decoded:
             share = self.val_fraction / (1.0 - (self.test_fraction if "test" not in self._files else 0.0))
             train, decoded["val"] = carve(train, share, self.split_seed, "data.val_fraction")
         decoded["train"] = train

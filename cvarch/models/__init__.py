@@ -130,9 +130,10 @@ def check_input_size(model: nn.Module, image_shape: tuple[int, int, int]) -> Non
 IMAGENET_SIZE = 224  # He 2015, Simonyan 2014, Szegedy 2014, Huang 2017, Iandola 2016: 224×224 crops
 CIFAR_SIZE = 32
 # Native size when a model config does not fix one itself (``image_size``, the lecture AlexNet's 227): CIFAR
-# nets say ``stem: cifar``; FractalNet (Larsson 2017 §4) is CIFAR-only and has no stem key; every other family
+# nets say ``stem: cifar``; FractalNet (Larsson 2017 §4) and the speed-run net (Jordan 2024) are CIFAR-only
+# and have no stem key; every other family
 # is an ImageNet net. Kept in step with conf/model/*.yaml's header comments and tests/models/test_configs.py.
-CIFAR_TARGETS = ("cvarch.models.fractalnet.FractalNet",)
+CIFAR_TARGETS = ("cvarch.models.fractalnet.FractalNet", "cvarch.models.speedrun.SpeedrunNet")
 
 
 def native_size(model_cfg: DictConfig) -> int:
