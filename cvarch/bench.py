@@ -242,8 +242,7 @@ class RawLoop:
 
     def fresh(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """A newly initialized model and its optimizer (the config's SGD: lr, momentum, weight decay)."""
-        from cvarch.build import build_model
-        from cvarch.train import init_batch
+        from cvarch.build import build_model, init_batch
 
         torch.manual_seed(self.cfg.seed)
         batch = init_batch(self.cfg, self.datamodule, self.preprocess.cpu(), self.shape)  # data-driven inits
@@ -428,7 +427,7 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
             return rate(raw.train_epoch(model, optimizer, steps=warmup + steps + 1), warmup, batch)
 
         results["step"] = compare("step", *alternate(cvarch_step, raw_step, repeats), unit="images/s")
-        model = raw.cfg.model._target_.rsplit(".", 1)[-1]
+        model = f"experiment={experiment}" if experiment else "resnet20"
         results["step"].update(warmup_steps=warmup, timed_steps=steps, batch_size=batch, model=model)
 
     if "epoch" in only:

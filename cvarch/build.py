@@ -27,6 +27,7 @@ from cvarch.models import check_input_size, meta_forward
 from cvarch.module import ClassificationModule
 from cvarch.optimizer import matches
 from cvarch.transfer import Transfer
+from cvarch.tta import TestTimeAugment
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -135,6 +136,17 @@ def check_head(model: nn.Module, image_shape: tuple[int, int, int], num_classes:
             f"data.num_classes={num_classes}; size the model's head to the dataset (model.num_classes, or "
             "its last layer's out_features)"
         )
+
+
+def init_batch(
+    cfg: DictConfig, datamodule: Any, preprocess: torch.nn.Module, input_shape: tuple[int, int, int]
+) -> torch.Tensor | None:
+    """The first training batch as the model sees it (center view, preprocessed) for a data-driven init
+    (``needs_batch``: LSUV, patch whitening), else ``None``."""
+    if not getattr(instantiate(cfg.init), "needs_batch", False):
+        return None
+    images = next(iter(datamodule.train_dataloader()))[0]
+    return preprocess(TestTimeAugment().configure(input_shape[-1]).center(images))
 
 
 def fast_path(model: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:

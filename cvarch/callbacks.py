@@ -470,6 +470,7 @@ class Lookahead(_EvaluateAveraged, WeightAveraging):
         self.decay = decay
         self.power = power
         self._decay_now = 0.0
+        self._total: int | None = None
 
     def _lerp(self, slow: torch.Tensor, fast: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         if not slow.is_floating_point():  # num_batches_tracked: the trained count
@@ -482,7 +483,9 @@ class Lookahead(_EvaluateAveraged, WeightAveraging):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        total = max(int(trainer.estimated_stepping_batches), 1)
+        if self._total is None:  # the run's optimizer steps; Lightning works it out from the loaders
+            self._total = max(int(trainer.estimated_stepping_batches), 1)
+        total = self._total
         self._decay_now = self.decay * min(trainer.global_step / total, 1.0) ** self.power
         before = self._latest_update_step  # Lightning 2.6's WeightAveraging: the step of the last update
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

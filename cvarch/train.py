@@ -26,6 +26,7 @@ from cvarch.build import (
     build_module,
     build_trainer,
     build_transfer,
+    init_batch,
     instantiate,
     start_loggers,
 )
@@ -41,7 +42,6 @@ from cvarch.checkpoint import (
 )
 from cvarch.config import CONFIG_PATH, ConfigError, plain_config_errors, validate
 from cvarch.cost import count_macs
-from cvarch.tta import TestTimeAugment
 
 log = logging.getLogger(__name__)
 
@@ -322,17 +322,6 @@ def make_run_dir(cfg: DictConfig, trainer: pl.Trainer) -> Path:
         except OSError as err:  # before any work: a run that cannot save its checkpoints must not start
             raise unwritable(output_dir, err) from None
     return output_dir
-
-
-def init_batch(
-    cfg: DictConfig, datamodule: Any, preprocess: torch.nn.Module, input_shape: tuple[int, int, int]
-) -> torch.Tensor | None:
-    """The first training batch as the model sees it (center view, preprocessed) for a data-driven init
-    (``needs_batch``: LSUV), else ``None``."""
-    if not getattr(instantiate(cfg.init), "needs_batch", False):
-        return None
-    images = next(iter(datamodule.train_dataloader()))[0]
-    return preprocess(TestTimeAugment().configure(input_shape[-1]).center(images))
 
 
 def fit_and_test(

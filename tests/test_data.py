@@ -92,6 +92,21 @@ def test_imagefolder_carves_val_and_test_when_absent(image_tree, tmp_path):
         assert abs(means[dm.splits["train"].targets == k].mean() - (60 * k + 19.5)) < 3
 
 
+def test_val_fraction_0_trains_on_every_non_test_image_and_keeps_the_same_test_split(image_tree, tmp_path):
+    """airbench trains on all of train: data.val_fraction=0 leaves validation empty and the carved test split
+    exactly the one a validated run is scored on (the digits module does the same)."""
+    carved = folder(image_tree, cache_dir=str(tmp_path / "cache"))
+    carved.setup()
+    whole = folder(image_tree, cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+    whole.setup()
+    assert {k: len(v) for k, v in whole.splits.items()} == {"train": 24, "val": 0, "test": 6}
+    assert torch.equal(whole.splits["test"].images, carved.splits["test"].images)
+    assert len(whole.val_dataloader()) == 0
+    no_val = digits(val_fraction=0.0)
+    no_val.setup()
+    assert len(no_val.splits["val"]) == 0 and len(no_val.splits["train"]) + len(no_val.splits["test"]) == 1797
+
+
 def test_imagefolder_uses_its_own_val_folder(tmp_path):
     root = make_image_tree(tmp_path / "tree", per_class=10)
     make_image_tree(root, per_class=4, split="val")

@@ -39,7 +39,7 @@ def test_speedrun94_is_airbench94s_recipe_in_mean_loss_units(compose_tmp):
     assert 1 / s.div_factor == pytest.approx(0.2) and 1 / s.div_factor / s.final_div_factor == pytest.approx(0.07)
     assert cfg.model._target_.endswith("SpeedrunNet") and cfg.init._target_.endswith("PatchWhitening")
     assert cfg.callbacks.weight_averaging._target_.endswith("Lookahead") and cfg.tta.views == "flip_translate"
-    assert cfg.callbacks.model_checkpoint is None and cfg.trainer.max_steps == 476
+    assert cfg.callbacks.model_checkpoint is None and cfg.trainer.max_steps == 476 and cfg.model.channels_last
 
 
 def _leaves(node, prefix=""):
@@ -56,6 +56,7 @@ def test_each_ablation_takes_out_exactly_its_trick(ablation, compose_tmp):
     cfg = OmegaConf.to_container(compose_tmp("experiment=speedrun94", f"ablation={ablation}"))
     changed = {key for key, value in _leaves(cfg) if base.get(key, "<absent>") != value}
     changed |= {key for key in base if key not in dict(_leaves(cfg))}
+    changed -= {"paths.output_dir"}  # each composition gets its own run folder
     # every changed leaf lies under one of the ablation's keys, and each key has a change
     assert all(any(c == k or c.startswith(k + ".") for k in CHANGES[ablation]) for c in changed), changed
     assert all(any(c == k or c.startswith(k + ".") for c in changed) for k in CHANGES[ablation]), changed

@@ -16,7 +16,7 @@ class DigitsDataModule(ImageDataModule):
     Alpaydin & Kaynak 1998, UCI optdigits. Pixels 0–16 are mapped linearly to 0–255.
 
     Args:
-        val_fraction: stratified share of all images used for validation.
+        val_fraction: stratified share of all images used for validation; 0: none (train on the rest).
         test_fraction: stratified share of all images used for testing.
         **kwargs: see :class:`ImageDataModule`; ``channels`` is 1 (grey) or 3 (the grey digit in three
             identical channels, so a network trained on RGB images takes digits).
@@ -39,6 +39,8 @@ class DigitsDataModule(ImageDataModule):
         images = resize_images(images, self.image_size).expand(-1, self.channels, -1, -1).contiguous()
         full = Split(images, torch.from_numpy(digits.target).long())
         rest, test = carve(full, self.test_fraction, self.split_seed, "data.test_fraction")
+        if self.val_fraction == 0:  # no validation: train on every non-test image
+            return {"train": rest, "val": rest.subset([]), "test": test}
         train, val = carve(
             rest, self.val_fraction / (1.0 - self.test_fraction), self.split_seed, "data.val_fraction"
         )
