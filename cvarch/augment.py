@@ -5,7 +5,8 @@ per image in PIL or in the DataLoader workers. Every random number comes from on
 batch's device, seeded with the run's ``seed``, so a run is reproducible from its seed and its checkpoint.
 Options are dicts of named ops (``conf/augment/<option>.yaml``); a list of options on the command line
 (``augment=[cifar,cutout]``) merges their ops, and :class:`Augment` runs them in the order of their ``stage``:
-ops keyed by the image's pixels (alternating flips), geometric, colour, erasing, label mixing. Validation and test batches are never augmented.
+ops keyed by the image's pixels (alternating flips), geometric, colour, erasing, label mixing. Validation and
+test batches are never augmented.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class AugmentOp(nn.Module):
     """Base of every augmentation op: a random map of a float batch and its targets.
 
     Subclasses set ``stage`` (the order :class:`Augment` runs them in: −1 ops keyed by the image's own pixels,
-    0 geometric, 1 colour, 2 erasing, 3 label mixing) and implement ``forward(x, y, generator)`` on float (N, C, H, W) images in [0, 1] (or
+    0 geometric, 1 colour, 2 erasing, 3 label mixing) and implement ``forward(x, y, generator)`` on float
+    (N, C, H, W) images in [0, 1] (or
     also uint8 ones where ``on_uint8``) and int64 (N,) labels or float (N, K) soft targets.
     """
 
@@ -279,7 +281,8 @@ class Crop(AugmentOp):
 
     He et al. 2015 §4.2 (CIFAR: "4 pixels are padded on each side, and a 32×32 crop is randomly sampled");
     Krizhevsky et al. 2012 §4.1 (random 224×224 patches of the 256×256 images: padding 0, scale 224/256);
-    airbench (Jordan 2024 §3.3): 2-pixel translations of the reflect-padded image (``augment=flip_translate``).
+    airbench (Jordan 2024 §3.3): 2-pixel translations of the reflect-padded image
+    (``augment=flip_translate``).
 
     Args:
         padding: pixels added on each side before cropping.
@@ -297,7 +300,9 @@ class Crop(AugmentOp):
         if not 0.0 < scale <= 1.0:
             raise ValueError(f"augment.ops.crop.scale must be in (0, 1], got {scale}")
         if padding_mode not in ("constant", "reflect"):
-            raise ValueError(f"augment.ops.crop.padding_mode must be constant or reflect, got {padding_mode!r}")
+            raise ValueError(
+                f"augment.ops.crop.padding_mode must be constant or reflect, got {padding_mode!r}"
+            )
         self.padding = padding
         self.scale = scale
         self.padding_mode = padding_mode

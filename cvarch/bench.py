@@ -11,7 +11,7 @@ Four figures, each measured in one process with the torch thread count pinned, A
    (``ImageFolder`` + ``RandomCrop(32, 4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``,
    2 workers), both on the same image-folder tree.
 2. ``step``: steady-state training images/s of a ``cvarch-train`` run (``model=resnet20``, batch 128; or the
-   recipe ``experiment=`` names, e.g. ``speedrun94``) against a hand-written loop over the same model, data
+   experiment ``recipe=`` names, e.g. ``speedrun94``) against a hand-written loop over the same model, data
    tensors, optimizer and augmentation, without Lightning, Hydra or logging. Warm-up steps are excluded.
 3. ``epoch``: wall time of one full training epoch plus validation, ``cvarch-train`` against the loop.
 4. ``startup``: seconds from launching ``cvarch-train`` to its first training step, and the seconds of that
@@ -269,7 +269,9 @@ class RawLoop:
             synchronize(self.device)
             times.append(time.time())
             x, y = self.augment(images[index], targets[index])
-            loss = F.cross_entropy(model(self.preprocess(x)), y, label_smoothing=self.cfg.loss.label_smoothing)
+            loss = F.cross_entropy(
+                model(self.preprocess(x)), y, label_smoothing=self.cfg.loss.label_smoothing
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -383,7 +385,7 @@ def measure(cfg: DictConfig) -> dict[str, Any]:
     if quick:  # a few steps each: checks the harness, not the speed
         extra.append("data.batch_size=8")
     train_overrides = list(cfg.train_overrides)
-    experiment = cfg.get("experiment")
+    experiment = cfg.get("recipe")  # not "experiment": that name is cvarch-train's config group
     raw = RawLoop(run_overrides(root, num_classes, out, extra, experiment), device)
     base = run_overrides(root, num_classes, out, [*extra, *train_overrides], experiment)  # cvarch's runs only
     results: dict[str, Any] = {

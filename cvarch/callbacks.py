@@ -430,7 +430,9 @@ class _EvaluateAveraged:
     ``current_model_state``) back into the module whenever its average exists, which after a fit is also when
     cvarch-train tests its checkpoint; only a fit (a resume) needs them."""
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
         if trainer.state.fn == "fit":
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
 

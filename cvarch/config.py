@@ -129,7 +129,8 @@ def validate(cfg: DictConfig) -> None:
         unknown = sorted(set(groups) - {"decay_norm_bias", "lr_mult", "norm_bias_lr_mult"})
         if unknown:
             errors.append(
-                f"optimizer.groups: unknown keys {unknown}; expected decay_norm_bias, lr_mult, norm_bias_lr_mult"
+                f"optimizer.groups: unknown keys {unknown}; expected decay_norm_bias, lr_mult, "
+                "norm_bias_lr_mult"
             )
     lr = (plain.get("optimizer") or {}).get("lr")
     if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not lr > 0:

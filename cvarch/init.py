@@ -299,13 +299,16 @@ class PatchWhitening(Default):
 
     def __call__(self, model: nn.Module, batch: torch.Tensor | None = None) -> nn.Module:
         if batch is None:
-            raise ValueError(f"init={self.name} is data-driven: a batch is required, PatchWhitening()(model, batch=x)")
+            raise ValueError(
+                f"init={self.name} is data-driven: a batch is required, PatchWhitening()(model, batch=x)"
+            )
         conv, name, inputs = first_conv_input(model, batch)
         c, k_h, k_w = conv.in_channels, *conv.kernel_size
         d, out = c * k_h * k_w, conv.out_channels
         if conv.groups != 1 or not (out <= d or out == 2 * d):
             raise ValueError(
-                f"init={self.name}: the first conv '{name}' has {out} outputs (groups={conv.groups}); whitening "
+                f"init={self.name}: the first conv '{name}' has {out} outputs (groups={conv.groups}); "
+                "whitening "
                 f"its {c}×{k_h}×{k_w} patches needs groups=1 and at most {d} outputs, or exactly {2 * d} "
                 "(each eigenvector and its negative)"
             )
@@ -323,7 +326,8 @@ class PatchWhitening(Default):
 
 
 def first_conv_input(model: nn.Module, batch: torch.Tensor) -> tuple[nn.Conv2d, str, torch.Tensor]:
-    """``(conv, name, input)``: the first ``Conv2d`` that ``model``'s forward calls on ``batch``, and its input.
+    """``(conv, name, input)``: the first ``Conv2d`` that ``model``'s forward calls on ``batch``, and its
+    input.
 
     The forward stops at that conv, in eval mode (no running statistic changes), without gradients.
     """

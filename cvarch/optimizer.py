@@ -83,9 +83,13 @@ def param_groups(
     named = list(model.named_parameters())
     prefixes = _check_lr_mult(lr_mult or {}, [name for name, _ in named])
     if isinstance(norm_bias_lr_mult, bool) or not (
-        isinstance(norm_bias_lr_mult, (int, float)) and math.isfinite(norm_bias_lr_mult) and norm_bias_lr_mult > 0
+        isinstance(norm_bias_lr_mult, (int, float))
+        and math.isfinite(norm_bias_lr_mult)
+        and norm_bias_lr_mult > 0
     ):
-        raise ValueError(f"optimizer.groups.norm_bias_lr_mult must be a finite number > 0, got {norm_bias_lr_mult!r}")
+        raise ValueError(
+            f"optimizer.groups.norm_bias_lr_mult must be a finite number > 0, got {norm_bias_lr_mult!r}"
+        )
     norm_biases = {
         id(m.bias) for m in model.modules() if isinstance(m, NORMS) and getattr(m, "bias", None) is not None
     }

@@ -27,7 +27,6 @@ from cvarch.build import (
     build_trainer,
     build_transfer,
     init_batch,
-    instantiate,
     start_loggers,
 )
 from cvarch.checkpoint import (

@@ -1,4 +1,5 @@
-"""The ``tta`` group: test-time augmentation, the softmax (or the logits) averaged over views of each test image.
+"""The ``tta`` group: test-time augmentation, the softmax (or the logits) averaged over views of each test
+image.
 
 Every view is a ``crop``×``crop`` window, the network's training input size, of a canvas: the test image
 (resized first when ``sizes`` is given) zero-padded by the training crop's ``padding``, so the corner windows
@@ -52,7 +53,8 @@ class TestTimeAugment:
         train_size: the paper's training crop, in its pixels (ResNet: 224); the unit of ``sizes``.
         chunk_size: views per forward pass, concatenated along the batch; bounds memory, not the result.
         translate: shift in pixels of the translated views of ``flip_translate`` (airbench94: 1).
-        average: ``"softmax"`` averages the views' probabilities (Krizhevsky et al.), ``"logits"`` their logits
+        average: ``"softmax"`` averages the views' probabilities (Krizhevsky et al.), ``"logits"`` their
+            logits
             (airbench), then takes the softmax.
     """
 
@@ -172,7 +174,7 @@ class TestTimeAugment:
                 yield canvas[..., top : top + crop, mirror : mirror + crop].flip(-1)
 
     def _flip_translate(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
-        """airbench's six views of one scale: centre, shifted up-left, shifted down-right, then their flips."""
+        """airbench's six views of one scale: centre, shifted up-left and down-right, then their flips."""
         centre = self.center(image)
         t, crop = self.translate, centre.shape[-1]
         shifted = F.pad(centre, [t] * 4, mode="reflect")
@@ -182,7 +184,7 @@ class TestTimeAugment:
             yield view.flip(-1)
 
     def weights(self) -> torch.Tensor:
-        """(num_views,) float32 weights of the views, summing to 1: uniform, or airbench's for flip_translate."""
+        """(num_views,) float32 weights of the views, summing to 1: uniform, or airbench's ones."""
         scales = len(self.sizes) if self.sizes else 1
         if self.mode == "flip_translate":
             return torch.tensor(FLIP_TRANSLATE_WEIGHTS * scales) / scales

@@ -566,10 +566,15 @@ def test_alternating_flips_show_every_image_both_ways_over_any_two_epochs():
 def test_training_tells_the_augment_ops_the_epoch(compose_tmp, monkeypatch):
     seen = []
     draw = AlternatingFlip.draw
-    monkeypatch.setattr(AlternatingFlip, "draw", lambda self, x, g: seen.append(self.epoch) or draw(self, x, g))
+    monkeypatch.setattr(
+        AlternatingFlip, "draw", lambda self, x, g: seen.append(self.epoch) or draw(self, x, g)
+    )
     cvarch.train(
         compose_tmp(
-            "logger=none", "augment=flip_translate", "trainer.max_epochs=2", "data.train_per_class=20",
+            "logger=none",
+            "augment=flip_translate",
+            "trainer.max_epochs=2",
+            "data.train_per_class=20",
             "data.batch_size=100",
         )
     )

@@ -84,3 +84,20 @@ def test_the_cli_takes_key_value_overrides_and_composes_its_runs_inside_hydra(tm
     assert set(results) & set(TARGETS) == {"loader"} and "| loader (images/s) |" in result.stdout
     help_text = run_cli("cvarch-bench", "--help", cwd=cwd).stdout
     assert help_text.startswith("cvarch-bench is a developer tool.") and "loader_batches: 20" in help_text
+
+
+def test_recipe_names_an_experiment_whose_runs_and_raw_loop_the_bench_composes(tmp_path):
+    """``cvarch-bench recipe=speedrun94`` parses (an ``experiment=`` key would clash with cvarch-train's
+    config group of that name) and its cvarch runs compose the recipe, not ResNet-20."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from cvarch.bench import run_overrides
+    from cvarch.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        assert hydra_compose("bench", overrides=["recipe=speedrun94"]).recipe == "speedrun94"
+    overrides = run_overrides(tmp_path / "cifar10", 10, tmp_path, experiment="speedrun94")
+    cfg = cvarch.compose(*overrides, "++trainer.max_steps=8")
+    assert cfg.model._target_.endswith("SpeedrunNet") and cfg.data.batch_size == 1024
+    assert cfg.trainer.max_steps == 8 and cfg.callbacks.bench_timer._target_ == "cvarch.bench.StepTimer"

@@ -9,10 +9,9 @@ from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
-
-import pytorch_lightning as pl
 
 from cvarch.callbacks import EMA, DivergenceError, DivergenceGuard, LearningCurves, Lookahead
 from tests import wandb_log
@@ -159,7 +158,9 @@ class _Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
     def train_dataloader(self):  # the one batch three times: three steps an epoch
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x.repeat(3, 1), self.y.repeat(3, 1)), batch_size=8)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(self.x.repeat(3, 1), self.y.repeat(3, 1)), batch_size=8
+        )
 
     test_dataloader = train_dataloader
 
@@ -171,15 +172,22 @@ class _Record(pl.Callback):
         self.states: list[dict[str, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items() if v.is_floating_point()})
+        self.states.append(
+            {k: v.detach().clone() for k, v in pl_module.state_dict().items() if v.is_floating_point()}
+        )
 
 
 def _fit(tmp_path, averaging: pl.Callback) -> tuple[_Regression, list[dict[str, torch.Tensor]]]:
     record = _Record()
     module = _Regression()
     trainer = pl.Trainer(
-        max_steps=3, callbacks=[record, averaging], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=3,
+        callbacks=[record, averaging],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(module)
     return module, record.states
@@ -194,7 +202,9 @@ def test_ema_weights_are_the_hand_computed_average_after_3_steps(tmp_path):
         expected = decay * (decay * w1[key] + (1 - decay) * w2[key]) + (1 - decay) * w3[key]
         assert torch.allclose(module.state_dict()[key], expected, atol=1e-6), key
         if not torch.equal(w1[key], w3[key]):  # (the bias before BN gets no gradient)
-            assert not torch.allclose(w3[key], expected, atol=1e-4), key  # the average is not the last weights
+            assert not torch.allclose(w3[key], expected, atol=1e-4), (
+                key
+            )  # the average is not the last weights
 
 
 def test_lookahead_resets_the_trained_weights_to_the_slow_ones_at_each_update(tmp_path):
@@ -226,8 +236,12 @@ def test_testing_a_checkpoint_after_the_fit_evaluates_the_averaged_weights(tmp_p
     module = _Regression()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor=None)
     trainer = pl.Trainer(
-        max_steps=3, callbacks=[record, EMA(decay=0.6), checkpoint], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=3,
+        callbacks=[record, EMA(decay=0.6), checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(module)
     averaged = {k: v.clone() for k, v in module.state_dict().items()}

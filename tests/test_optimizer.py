@@ -214,11 +214,16 @@ def test_sgd_nesterov_is_sgd_with_nesterov_on(compose_tmp):
 
 
 def test_norm_bias_lr_mult_scales_the_lr_of_every_norm_shift_but_not_its_decay_step():
-    """airbench's bias_scaler (Jordan 2024 §3.4): BN biases learn 64× faster, weight decay ÷ 64, so lr·λ is the
+    """airbench's bias_scaler (Jordan 2024 §3.4): BN biases learn 64× faster, weight decay ÷ 64, so lr·λ is
+    the
     decay step of every other parameter; the norm's γ, the conv and the linear weights keep lr and λ."""
-    model = cvarch.build_model("model=speedrun", "data.channels=3", "data.image_size=32", "model.learn_norm_scale=true")
+    model = cvarch.build_model(
+        "model=speedrun", "data.channels=3", "data.image_size=32", "model.learn_norm_scale=true"
+    )
     groups = param_groups(model, lr=1.5, weight_decay=0.002, norm_bias_lr_mult=64.0)
-    norm_biases = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for n in [f"{n}.bias"]}
+    norm_biases = {
+        n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for n in [f"{n}.bias"]
+    }
     fast = [g for g in groups if g["lr_mult"] == 64.0]
     assert len(fast) == 1 and set(fast[0]["names"]) == norm_biases and len(norm_biases) == 6
     assert fast[0]["lr"] == 1.5 * 64 and fast[0]["lr"] * fast[0]["weight_decay"] == pytest.approx(1.5 * 0.002)

@@ -36,7 +36,9 @@ def test_speedrun94_is_airbench94s_recipe_in_mean_loss_units(compose_tmp):
     assert cfg.loss.label_smoothing == 0.2 and (cfg.norm.momentum, cfg.norm.eps) == (0.4, 1e-12)
     s = cfg.scheduler
     assert (s.pct_start, s.anneal_strategy, s.cycle_momentum) == (0.23, "linear", False)
-    assert 1 / s.div_factor == pytest.approx(0.2) and 1 / s.div_factor / s.final_div_factor == pytest.approx(0.07)
+    assert 1 / s.div_factor == pytest.approx(0.2) and 1 / s.div_factor / s.final_div_factor == pytest.approx(
+        0.07
+    )
     assert cfg.model._target_.endswith("SpeedrunNet") and cfg.init._target_.endswith("PatchWhitening")
     assert cfg.callbacks.weight_averaging._target_.endswith("Lookahead") and cfg.tta.views == "flip_translate"
     assert cfg.callbacks.model_checkpoint is None and cfg.trainer.max_steps == 476 and cfg.model.channels_last
@@ -75,12 +77,18 @@ def test_the_ablation_sweeps_every_ablation_with_3_seeds():
 
 
 @pytest.mark.slow
-def test_the_recipe_trains_on_every_non_test_image_and_logs_both_test_accuracies(cifar_root, cifar_cache, compose_tmp):
+def test_the_recipe_trains_on_every_non_test_image_and_logs_both_test_accuracies(
+    cifar_root, cifar_cache, compose_tmp
+):
     """A few steps of exactly the recipe on the real CIFAR-10 folder: no validation carve (the test split is
     the 10% it always is), whitened stem, the lookahead's weights tested with and without TTA."""
     cfg = compose_tmp(
-        "experiment=speedrun94", "logger=none", "data.max_per_class=60", "data.batch_size=120",
-        "trainer.max_steps=6", cifar_cache,
+        "experiment=speedrun94",
+        "logger=none",
+        "data.max_per_class=60",
+        "data.batch_size=120",
+        "trainer.max_steps=6",
+        cifar_cache,
     )
     metrics = cvarch.train(cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and 0.0 <= metrics["test/acc_tta"] <= 1.0

@@ -654,6 +654,8 @@ def test_a_joblib_multirun_of_20_jobs_at_2_parallel_gives_20_results_and_resumes
 def test_a_run_without_validation_tests_its_last_weights(compose_tmp):
     """data.val_fraction=0 (airbench's train-on-all): no val metrics, no best checkpoint to pick, the last
     weights are tested; the default callbacks' val/acc monitor only warns."""
-    metrics = cvarch.train(compose_tmp("logger=none", "data.val_fraction=0", "trainer.max_epochs=2", "scheduler=none"))
+    metrics = cvarch.train(
+        compose_tmp("logger=none", "data.val_fraction=0", "trainer.max_epochs=2", "scheduler=none")
+    )
     assert "val/acc" not in metrics and 0.0 <= metrics["test/acc"] <= 1.0
     assert metrics["best_ckpt"] is None or metrics["best_ckpt"].endswith("last.ckpt")

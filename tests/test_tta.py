@@ -271,7 +271,8 @@ def test_flip_translate_views_are_airbenchs_six_per_image_reference_views():
 
 
 def test_flip_translate_predicts_the_softmax_of_airbenchs_weighted_mean_logits():
-    """airbench's ``infer_mirror_translate``: ½·mirror(x) + ½·mean(mirror(x shifted −1), mirror(x shifted +1)),
+    """airbench's ``infer_mirror_translate``: ½·mirror(x) + ½·mean(mirror(x shifted −1), mirror(x shifted
+    +1)),
     with mirror(v) = ½·net(v) + ½·net(flip v), on logits; whatever the chunk size."""
     x = _images(n=4, size=32)
     torch.manual_seed(2)
@@ -285,7 +286,9 @@ def test_flip_translate_predicts_the_softmax_of_airbenchs_weighted_mean_logits()
     shifted = (mirror(padded[..., 0:32, 0:32]) + mirror(padded[..., 2:34, 2:34])) / 2
     expected = (0.5 * mirror(x) + 0.5 * shifted).softmax(-1)
     for chunk_size in (1, 4, 6):
-        tta = TestTimeAugment(views="flip_translate", average="logits", chunk_size=chunk_size).configure(crop=32)
+        tta = TestTimeAugment(views="flip_translate", average="logits", chunk_size=chunk_size).configure(
+            crop=32
+        )
         assert torch.allclose(tta.predict(forward, x), expected, atol=1e-6), chunk_size
     assert torch.allclose(tta.weights().sum(), torch.tensor(1.0))
     # averaging probabilities instead: the weighted mean of the six softmaxes

@@ -1,4 +1,5 @@
-"""The CIFAR-10 speed-run net: Jordan 2024, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU" (arXiv:2404.00498).
+"""The CIFAR-10 speed-run net: Jordan 2024, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU"
+(arXiv:2404.00498).
 
 airbench94's network (§3.1, its ``make_net``): a 2×2 conv stem meant to be fixed to the whitening transform of
 2×2 training patches (``init=patch_whitening``), then three conv groups, each conv → max-pool → BN → GELU →
@@ -79,7 +80,8 @@ class SpeedrunNet(nn.Module):
             momentum 0.4 in PyTorch's convention, ε = 1e-12).
         act_layer: activation name or factory after the stem and every norm (airbench94: GELU).
         learn_norm_scale: train the norms' γ; airbench94 keeps γ = 1 and trains only β.
-        logit_scale: multiplies the logits (airbench94: 1/9), a fixed temperature in place of a tuned head init.
+        logit_scale: multiplies the logits (airbench94: 1/9), a fixed temperature in place of a tuned head
+            init.
     """
 
     def __init__(
@@ -98,7 +100,9 @@ class SpeedrunNet(nn.Module):
         if not widths or any(w < 1 for w in widths):
             raise ValueError(f"model.widths must be a non-empty list of positive widths, got {list(widths)}")
         if stem_width < 1 or stem_kernel < 1:
-            raise ValueError(f"model.stem_width and model.stem_kernel must be >= 1, got {stem_width}, {stem_kernel}")
+            raise ValueError(
+                f"model.stem_width and model.stem_kernel must be >= 1, got {stem_width}, {stem_kernel}"
+            )
         norm = get_norm_layer(norm_layer)
         act = get_act_layer(act_layer)
         self.whiten = nn.Conv2d(in_channels, stem_width, kernel_size=stem_kernel, bias=True)
@@ -113,11 +117,12 @@ class SpeedrunNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)  # airbench94's MaxPool2d(3) on the final 3×3 map
         self.fc = nn.Linear(channels, num_classes, bias=False)
         self.logit_scale = logit_scale
-        if not learn_norm_scale:
+        if not learn_norm_scale:  # the norms' γ stay 1 (every weighted module but the convs and the head)
             for m in self.modules():
-                if isinstance(getattr(m, "weight", None), nn.Parameter) and m not in (self.whiten, self.fc):
-                    if not isinstance(m, nn.Conv2d):  # the norms' γ: fixed at 1
-                        m.weight.requires_grad_(False)
+                if isinstance(getattr(m, "weight", None), nn.Parameter) and not isinstance(
+                    m, (nn.Conv2d, nn.Linear)
+                ):
+                    m.weight.requires_grad_(False)
 
     def get_classifier(self) -> nn.Linear:
         return self.fc

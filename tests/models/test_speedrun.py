@@ -56,7 +56,7 @@ def test_shapes_stages_and_head():
 
 
 def test_group_convs_start_with_identity_filters_for_their_input_channels():
-    """airbench's Conv: dirac_ on the first in_channels filters, so a conv starts passing its input through."""
+    """airbench's Conv: dirac_ on the first in_channels filters, so a conv starts passing its input on."""
     model = SpeedrunNet()
     conv = model.layer2.conv1  # 64 → 256
     x = torch.randn(1, 64, 7, 7)
