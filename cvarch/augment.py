@@ -7,6 +7,11 @@ Options are dicts of named ops (``conf/augment/<option>.yaml``); a list of optio
 (``augment=[cifar,cutout]``) merges their ops, and :class:`Augment` runs them in the order of their ``stage``:
 ops keyed by the image's pixels (alternating flips), geometric, colour, erasing, label mixing. Validation and
 test batches are never augmented.
+
+Size-like options (cutout's square, the crop's padding, TrivialAugment's translation) are either pixels, an
+int, or a fraction of the image side, a float in (0, 1] (see :func:`pixels`), so one option fits 8×8 digits,
+32×32 CIFAR and 224×224 ImageNet. :meth:`Augment.check` checks every op against the training images' side
+before the first step (``Augment.output_shape`` runs it) and names the key that cannot apply.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
 
 class AugmentOp(nn.Module):
@@ -30,7 +36,8 @@ class AugmentOp(nn.Module):
     """
 
     stage: int = 0
-    padding: int = 0  # padding of the random crop; only Crop sets it, test-time views reuse it
+    key: str = "augment.ops"  # the op's config key, for errors; Augment sets augment.ops.<name>
+    padding: int = 0  # padding of the random crop in pixels; only Crop sets it, test-time views reuse it
     padding_mode: str = "constant"  # how Crop pads: zeros ("constant") or mirrored pixels ("reflect")
     epoch: int = 0  # the training epoch, set by Augment.set_epoch; AlternatingFlip's flips depend on it
     # pure index ops (crops, flips) give the same pixels on uint8 as on floats: they run on the uint8 batch,
@@ -40,6 +47,11 @@ class AugmentOp(nn.Module):
     def output_size(self, size: int) -> int:
         """Side of the images this op outputs, given the side of its input images."""
         return size
+
+    def check(self, size: int) -> None:
+        """Raises a ValueError naming the key and the image size if the op cannot apply to images of side
+        ``size`` (the shorter side, in pixels), and fixes its fractions of the side to pixels; ops whose
+        options are all relative to the image (probabilities, areas, ratios) have nothing to check."""
 
     def fit(self, images: torch.Tensor) -> None:
         """Fits statistics on the uint8 (N, C, H, W) training split; most ops have none."""
@@ -79,6 +91,7 @@ class Augment(nn.Module):
         for name, op in ops.items():
             if not isinstance(op, AugmentOp):
                 raise TypeError(f"augment.ops.{name} must build a cvarch.augment op, got {type(op).__name__}")
+            op.key = f"augment.ops.{name}"  # errors name the key the user wrote, e.g. augment.ops.translate
         self.ops = nn.ModuleDict(sorted(ops.items(), key=lambda item: item[1].stage))  # sorted() is stable
         self.seed = seed
         self._generator: torch.Generator | None = None
@@ -89,7 +102,8 @@ class Augment(nn.Module):
 
     @property
     def padding(self) -> int:
-        """The random crop's zero padding, or 0 without one."""
+        """The random crop's padding in pixels, or 0 without one; a fraction of the side is known once
+        :meth:`check` (or :meth:`output_size`, :meth:`output_shape`) has seen the image size."""
         return next((op.padding for op in self.ops.values() if op.padding), 0)
 
     @property
@@ -102,16 +116,34 @@ class Augment(nn.Module):
         for op in self.ops.values():
             op.epoch = epoch
 
+    def check(self, size: int) -> None:
+        """Checks every op against training images of side ``size`` (their shorter side, in pixels), each on
+        the side the ops before it output, and fixes fractions of the side to pixels.
+
+        Raises:
+            ValueError: naming the key (``augment.ops.cutout.size=16 …``) and the image size, when an op
+                cannot apply to images that small.
+        """
+        for op in self.ops.values():
+            op.check(size)
+            size = op.output_size(size)
+
     def output_size(self, size: int) -> int:
-        """Side of the augmented images, given the side of the training images."""
+        """Side of the augmented images, given the side of the training images; checks the ops first."""
+        self.check(size)
+        return self._output_size(size)
+
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """(C, H, W) of what the model is trained on, given the images' shape; checks the ops first, on the
+        shorter side, so a run with an option too large for its data fails before its first step."""
+        channels, height, width = shape
+        self.check(min(height, width))
+        return channels, self._output_size(height), self._output_size(width)
+
+    def _output_size(self, size: int) -> int:
         for op in self.ops.values():
             size = op.output_size(size)
         return size
-
-    def output_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        """(C, H, W) of what the model is trained on, given the images' shape."""
-        channels, height, width = shape
-        return channels, self.output_size(height), self.output_size(width)
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> None:
@@ -163,6 +195,40 @@ class Augment(nn.Module):
                 x = torch.div(x, 255.0)  # floats in [0, 1] from here on
             x, y = op(x, y, generator)
         return x, y
+
+
+def check_size_option(value: int | float, key: str, minimum: int = 1) -> None:
+    """Raises a ValueError naming ``key`` unless ``value`` is pixels, an int >= ``minimum``, or a fraction of
+    the image side, a float in (0, 1]."""
+    if isinstance(value, bool) or not (
+        (isinstance(value, int) and value >= minimum) or (isinstance(value, float) and 0.0 < value <= 1.0)
+    ):
+        raise ValueError(
+            f"{key} must be pixels, an int >= {minimum}, or a fraction of the image side, a float in (0, 1]; "
+            f"got {value!r}"
+        )
+
+
+def pixels(value: int | float, side: int) -> int:
+    """Pixels of a size-like option on images of side ``side``: an int is pixels as it is, a float in (0, 1]
+    a fraction of the side, rounded half up and at least 1 pixel (0.125, CIFAR's 4 of 32, is 1 on 8×8).
+
+    Args:
+        value: the option, checked by :func:`check_size_option`.
+        side: the side of the images it applies to (the shorter side), in pixels.
+    """
+    if isinstance(value, int):
+        return value
+    return max(1, math.floor(value * side + 0.5))
+
+
+def too_large(key: str, value: int | float, side: int, why: str) -> ValueError:
+    """The error of a size-like option that cannot apply to images of side ``side``."""
+    unit = "pixels" if isinstance(value, int) else f"of the side = {pixels(value, side)} pixels"
+    return ValueError(
+        f"{key}={value} ({unit}) does not fit the {side}×{side} images it receives: {why}. Give fewer pixels "
+        "or a fraction of the image side (a float in (0, 1])"
+    )
 
 
 def _rand(n: int, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -285,38 +351,67 @@ class Crop(AugmentOp):
     (``augment=flip_translate``).
 
     Args:
-        padding: pixels added on each side before cropping.
+        padding: added on each side before cropping: pixels (an int >= 0) or a fraction of the image side (a
+            float in (0, 1]; He et al.'s 4 of CIFAR's 32 is 0.125, 1 pixel on 8×8 digits). Every crop must
+            keep some of the image (padding < crop side), and reflect padding must be < the image side.
         scale: crop side as a fraction of the input side (1: the input size).
         padding_mode: ``"constant"`` pads zeros (He et al.), ``"reflect"`` mirrors the border (airbench).
     """
 
     stage = 0
+    key = "augment.ops.crop"
     on_uint8 = True
 
-    def __init__(self, padding: int = 4, scale: float = 1.0, padding_mode: str = "constant") -> None:
+    def __init__(self, padding: int | float = 4, scale: float = 1.0, padding_mode: str = "constant") -> None:
         super().__init__()
-        if padding < 0:
-            raise ValueError(f"augment.ops.crop.padding must be >= 0, got {padding}")
+        check_size_option(padding, "augment.ops.crop.padding", minimum=0)
         if not 0.0 < scale <= 1.0:
             raise ValueError(f"augment.ops.crop.scale must be in (0, 1], got {scale}")
         if padding_mode not in ("constant", "reflect"):
             raise ValueError(
                 f"augment.ops.crop.padding_mode must be constant or reflect, got {padding_mode!r}"
             )
-        self.padding = padding
+        self.padding_option = padding  # as configured: pixels or a fraction of the side
+        self._padding = padding if isinstance(padding, int) else None  # pixels, once the side is known
         self.scale = scale
         self.padding_mode = padding_mode
+
+    @property
+    def padding(self) -> int:
+        """The padding in pixels, for the test-time views; a fraction needs the image side (:meth:`check`)."""
+        if self._padding is None:
+            raise RuntimeError(
+                f"{self.key}.padding={self.padding_option} is a fraction of the image side: call "
+                "Augment.check (or output_size, output_shape) with the image size first"
+            )
+        return self._padding
 
     def output_size(self, size: int) -> int:
         return round(self.scale * size)
 
+    def check(self, size: int) -> None:
+        out = self.output_size(size)
+        if out < 1:
+            raise too_large(f"{self.key}.scale", self.scale, size, "the crop is less than a pixel")
+        padding = pixels(self.padding_option, size)
+        if padding >= out:
+            raise too_large(
+                f"{self.key}.padding",
+                self.padding_option,
+                size,
+                f"crops of {out}×{out} could hold no image pixel",
+            )
+        if self.padding_mode == "reflect" and padding >= size:
+            raise too_large(
+                f"{self.key}.padding", self.padding_option, size, "reflect padding must be less than the side"
+            )
+        self._padding = padding
+
     def draw(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 (N,) each: ``(top, left)`` of every crop in the padded image."""
         n, _, h, w = x.shape
-        slack_h, slack_w = (
-            h + 2 * self.padding - self.output_size(h),
-            w + 2 * self.padding - self.output_size(w),
-        )
+        padding = pixels(self.padding_option, min(h, w))
+        slack_h, slack_w = h + 2 * padding - self.output_size(h), w + 2 * padding - self.output_size(w)
         top = torch.randint(0, slack_h + 1, (n,), generator=generator, device=x.device)
         left = torch.randint(0, slack_w + 1, (n,), generator=generator, device=x.device)
         return top, left
@@ -326,8 +421,9 @@ class Crop(AugmentOp):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, c, h, w = x.shape
         out_h, out_w = self.output_size(h), self.output_size(w)
-        if self.padding:
-            x = F.pad(x, [self.padding] * 4, mode=self.padding_mode)
+        padding = pixels(self.padding_option, min(h, w))  # as draw() resolved it, from the batch itself
+        if padding:
+            x = F.pad(x, [padding] * 4, mode=self.padding_mode)
         # every window of every image as a view (N, rows, cols, C, out_h, out_w), then one gather of whole
         # windows by (image, top, left): no loop over images, 5× faster than per-pixel index grids
         x = x.contiguous()
@@ -350,7 +446,8 @@ class ScaleAugment(AugmentOp):
 
     Args:
         short_side: the paper's range of the resized shorter side, in pixels at crop size ``crop``.
-        crop: the paper's crop side in pixels; only the ratios ``short_side / crop`` matter.
+        crop: the paper's crop side in pixels; only the ratios ``short_side / crop`` matter, so the op fits
+            images of any side and has nothing to check against it.
     """
 
     stage = 0
@@ -393,7 +490,7 @@ class RandomResizedCrop(AugmentOp):
     falling back to the central crop. Unlike torchvision it resamples bilinearly without antialiasing.
 
     Args:
-        scale: range of the window's area, as a fraction of the image area.
+        scale: range of the window's area, as a fraction of the image area (relative: fits any image side).
         ratio: range of the window's aspect ratio (width / height), sampled log-uniformly.
     """
 
@@ -518,29 +615,200 @@ class PCAColour(AugmentOp):
         return x + shift.view(*shift.shape, 1, 1), y
 
 
+def per_image(
+    transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """``transform`` applied to each image of ``x`` alone, with its own random parameters.
+
+    A torchvision v2 transform draws one parameter set per call, from torch's global CPU generator (also for
+    images on an accelerator), so on a batch every image would get the same ones. Here each image gets a seed
+    drawn from ``generator`` (one draw per batch: one device sync), the global CPU generator is seeded with it
+    for that image, and the global generators are restored afterwards: the run's stream (dropout, init) never
+    sees the draws, and a checkpointed ``generator`` state replays them exactly.
+
+    Args:
+        transform: maps one (C, H, W) image to one of the same shape.
+        x: (N, C, H, W) images.
+        generator: the source of the per-image seeds.
+    """
+    seeds = torch.randint(0, 2**62, (x.shape[0],), generator=generator, device=x.device).tolist()
+    accelerator = [] if x.device.type == "cpu" else [x.device]
+    with torch.random.fork_rng(devices=accelerator, device_type=x.device.type):
+        out = []
+        for image, seed in zip(x, seeds, strict=True):
+            # the CPU generator alone: torch.manual_seed would also seed every accelerator, 200× slower
+            torch.default_generator.manual_seed(seed)
+            out.append(transform(image))
+    return torch.stack(out)
+
+
+class _PerImage(AugmentOp):
+    """Base of the ops that run a torchvision v2 transform on each image, seeded from the run's generator.
+
+    They run on [0, 1] floats, as :class:`Augment` gives every op that is not ``on_uint8``; torchvision's v2
+    kernels handle those (posterize quantizes floats to 2^bits levels, equalize goes through uint8 and back,
+    solarize's threshold is in [0, 1]) and keep them in [0, 1]. Colour stage (1): after crops and flips, as
+    timm and torchvision's reference scripts order them, before erasing and label mixing.
+    """
+
+    stage = 1
+
+    def __init__(self, transform: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return per_image(self.transform, x, generator), y
+
+
+class RandAugment(_PerImage):
+    """RandAugment: ``num_ops`` ops drawn uniformly from 14 (identity, shears, translations, rotation, colour,
+    contrast, brightness, sharpness, posterize, solarize, autocontrast, equalize), each at magnitude
+    ``magnitude`` of 30, a random sign for the signed ones; torchvision's ``transforms.v2.RandAugment``.
+
+    Cubuk et al. 2020, "RandAugment: Practical automated data augmentation with a reduced search space", §3
+    (N ops, one global magnitude M); torchvision's defaults N = 2, M = 9 are the paper's ImageNet ResNet-50
+    setting. Translations are 150/331 of the image side at most (relative), so the op fits any image size.
+
+    Args:
+        num_ops: N, ops applied in sequence to each image.
+        magnitude: M, on torchvision's scale of 31 bins (0 … 30).
+    """
+
+    def __init__(self, num_ops: int = 2, magnitude: int = 9) -> None:
+        if not 0 <= num_ops:
+            raise ValueError(f"augment.ops.randaugment.num_ops must be >= 0, got {num_ops}")
+        if not 0 <= magnitude <= 30:
+            raise ValueError(f"augment.ops.randaugment.magnitude must be in [0, 30], got {magnitude}")
+        super().__init__(v2.RandAugment(num_ops=num_ops, magnitude=magnitude))
+        self.num_ops = num_ops
+        self.magnitude = magnitude
+
+
+class _TrivialAugmentWide(v2.TrivialAugmentWide):
+    """torchvision's TrivialAugmentWide with its translation bound given per image side."""
+
+    def __init__(self, translate: int | float) -> None:
+        super().__init__()
+
+        def shifts(num_bins: int, height: int, width: int) -> torch.Tensor:
+            return torch.linspace(0.0, float(pixels(translate, min(height, width))), num_bins)
+
+        # _AUGMENTATION_SPACE is private but the same in every torchvision with transforms.v2 (0.15 to 0.2x):
+        # the only way to bound the translation, which torchvision fixes at 32 pixels whatever the image size
+        self._AUGMENTATION_SPACE = {
+            **v2.TrivialAugmentWide._AUGMENTATION_SPACE,
+            "TranslateX": (shifts, True),
+            "TranslateY": (shifts, True),
+        }
+
+
+class TrivialAugment(_PerImage):
+    """TrivialAugment (Wide): one op per image, drawn uniformly from 14, at a magnitude drawn uniformly from
+    31 bins; torchvision's ``transforms.v2.TrivialAugmentWide``.
+
+    Müller & Hutter 2021, "TrivialAugment: Tuning-free Yet State-of-the-Art Data Augmentation", §3 (one op,
+    uniform strength), with the wide augmentation space of its Table 1 (shear 0.99, rotate 135°, translate
+    32 pixels on every dataset). A 32-pixel shift empties an 8×8 image, so the translation here is
+    ``translate``: pixels, or a fraction of the side (1.0 is the paper's 32 on CIFAR's 32).
+
+    Args:
+        translate: largest shift: pixels (an int >= 1) or a fraction of the image side (a float in (0, 1]);
+            at most the image side.
+    """
+
+    def __init__(self, translate: int | float = 1.0) -> None:
+        check_size_option(translate, "augment.ops.trivialaugment.translate")
+        super().__init__(_TrivialAugmentWide(translate))
+        self.translate = translate
+
+    def check(self, size: int) -> None:
+        if pixels(self.translate, size) > size:
+            raise too_large(
+                f"{self.key}.translate", self.translate, size, "shifts beyond the side add nothing"
+            )
+
+
+class AutoAugment(_PerImage):
+    """AutoAugment: one of a learned policy's 25 sub-policies per image, each two ops with their own
+    probability and magnitude; torchvision's ``transforms.v2.AutoAugment``.
+
+    Cubuk et al. 2019, "AutoAugment: Learning Augmentation Policies from Data", §3 (search space and policy
+    structure); the policies found on reduced CIFAR-10 and on ImageNet are those of its appendix, as
+    torchvision transcribes them. Translations are 150/331 of the image side at most (relative).
+
+    Args:
+        policy: ``"cifar10"`` or ``"imagenet"`` (or torchvision's ``"svhn"``).
+    """
+
+    def __init__(self, policy: str = "imagenet") -> None:
+        choices = [p.value for p in v2.AutoAugmentPolicy]
+        if policy not in choices:
+            raise ValueError(f"augment.ops.autoaugment.policy must be one of {choices}, got {policy!r}")
+        super().__init__(v2.AutoAugment(v2.AutoAugmentPolicy(policy)))
+        self.policy = policy
+
+
+class ColorJitter(_PerImage):
+    """Random brightness, contrast, saturation and hue, in a random order per image; torchvision's
+    ``transforms.v2.ColorJitter``.
+
+    Howard 2013, "Some Improvements on Deep CNN Based Image Classification" (arXiv:1312.5402) §2.1 (random
+    contrast, brightness and colour); 0.4 for brightness, contrast and saturation and none for hue is the
+    ImageNet recipe of fb.resnet.torch that timm keeps (``color_jitter=0.4``). Saturation and hue leave
+    one-channel images as they are.
+
+    Args:
+        brightness: factor drawn uniformly in [1 − b, 1 + b].
+        contrast: factor drawn uniformly in [1 − c, 1 + c].
+        saturation: factor drawn uniformly in [1 − s, 1 + s].
+        hue: hue shift drawn uniformly in [−h, h], in turns of the colour wheel (at most 0.5).
+    """
+
+    def __init__(
+        self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.0
+    ) -> None:
+        for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if value < 0:
+                raise ValueError(f"augment.ops.color_jitter.{name} must be >= 0, got {value}")
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"augment.ops.color_jitter.hue must be in [0, 0.5], got {hue}")
+        super().__init__(v2.ColorJitter(brightness, contrast, saturation, hue))
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+
+
 class Cutout(AugmentOp):
     """Fills one size×size square per image, centred uniformly in the image and clipped at the border.
 
-    DeVries & Taylor 2017, "Improved Regularization of CNNs with Cutout", §3.2, §4.1 (16×16 on CIFAR-10).
+    DeVries & Taylor 2017, "Improved Regularization of CNNs with Cutout", §3.2, §4.1 (16×16 on CIFAR-10, 8×8
+    on CIFAR-100).
 
     Args:
-        size: side of the square in pixels.
+        size: side of the square: pixels (an int >= 1) or a fraction of the image side (a float in (0, 1];
+            the paper's 16 of CIFAR-10's 32 is 0.5, 4 pixels on 8×8 digits; 8 of 32 on CIFAR-100 is 0.25).
+            At most the image side: a larger square blanks every image.
         p: probability of cutting an image (the paper: 1).
         fill: value of the cut pixels, in [0, 1] pixel units. The paper zeroes the normalized image, i.e.
             fills with the data mean; this op runs before normalization, so 0.5 stands in for the mean.
     """
 
     stage = 2
+    key = "augment.ops.cutout"
 
-    def __init__(self, size: int = 16, p: float = 1.0, fill: float = 0.5) -> None:
+    def __init__(self, size: int | float = 0.5, p: float = 1.0, fill: float = 0.5) -> None:
         super().__init__()
-        if size <= 0:
-            raise ValueError(f"augment.ops.cutout.size must be > 0, got {size}")
+        check_size_option(size, "augment.ops.cutout.size")
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"augment.ops.cutout.p must be in [0, 1], got {p}")
         self.size = size
         self.p = p
         self.fill = fill
+
+    def check(self, size: int) -> None:
+        if pixels(self.size, size) > size:
+            raise too_large(f"{self.key}.size", self.size, size, "the square would blank every image")
 
     def draw(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """``(centre_y, centre_x, cut)``: int64 (N,) square centres and bool (N,) which images are cut."""
@@ -557,11 +825,88 @@ class Cutout(AugmentOp):
         centre_x: torch.Tensor,
         cut: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = _box_mask(
-            centre_y - self.size // 2, centre_x - self.size // 2, self.size, self.size, x.shape, x.device
-        )
+        size = pixels(self.size, min(x.shape[-2:]))
+        mask = _box_mask(centre_y - size // 2, centre_x - size // 2, size, size, x.shape, x.device)
         mask &= cut.view(-1, 1, 1, 1)
         return x.masked_fill(mask, self.fill), y
+
+
+class RandomErasing(AugmentOp):
+    """Erases one box of random area and aspect ratio per image, with probability ``p``.
+
+    Zhong et al. 2020, "Random Erasing Data Augmentation", §3.1, Algorithm 1: a box of area s·HW,
+    s ~ U(s_l, s_h), aspect ratio r ~ U(r_1, 1/r_1), placed uniformly where it fits, its pixels set to random
+    values. Boxes are drawn as torchvision's ``RandomErasing`` does (its defaults p = 0.5, area 0.02–0.33,
+    ratio 0.3–3.3, log-uniform; up to 10 tries, else the image is left as it is), the tries of every image
+    side by side, so the op is batched, on the device, from the run's generator.
+
+    Args:
+        p: probability of erasing an image.
+        scale: range of the box's area, as a fraction of the image area (relative: fits any image side).
+        ratio: range of the box's aspect ratio (height / width), sampled log-uniformly.
+        value: ``"random"``, uniform values in [0, 1] per pixel and channel (the paper's RE-R, its best,
+            Table 3), or a constant in [0, 1] pixel units. torchvision's default 0 is applied after
+            normalization, i.e. the data mean; this op runs before normalization, so 0.5 stands in for it.
+    """
+
+    stage = 2
+    tries = 10  # torchvision's RandomErasing.get_params
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        scale: Sequence[float] = (0.02, 0.33),
+        ratio: Sequence[float] = (0.3, 3.3),
+        value: float | str = "random",
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"augment.ops.random_erasing.p must be in [0, 1], got {p}")
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(
+                f"augment.ops.random_erasing.scale must satisfy 0 < low <= high <= 1, got {list(scale)}"
+            )
+        if not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(
+                f"augment.ops.random_erasing.ratio must satisfy 0 < low <= high, got {list(ratio)}"
+            )
+        if value != "random" and (isinstance(value, str) or not 0.0 <= value <= 1.0):
+            raise ValueError(f"augment.ops.random_erasing.value must be 'random' or in [0, 1], got {value!r}")
+        self.p = p
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.value = value
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = x.shape
+        area = (
+            h
+            * w
+            * (
+                self.scale[0]
+                + (self.scale[1] - self.scale[0])
+                * torch.rand(n, self.tries, generator=generator, device=x.device)
+            )
+        )
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(
+            log_low + (log_high - log_low) * torch.rand(n, self.tries, generator=generator, device=x.device)
+        )
+        height, width = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+        fits = (height < h) & (width < w)  # torchvision's strict test
+        first = fits.float().argmax(dim=1, keepdim=True)  # the first try that fits
+        height, width = height.gather(1, first).squeeze(1), width.gather(1, first).squeeze(1)
+        top = (_rand(n, x, generator) * (h - height + 1)).floor()
+        left = (_rand(n, x, generator) * (w - width + 1)).floor()
+        erase = fits.any(dim=1) & (_rand(n, x, generator) < self.p)
+        mask = _box_mask(top, left, height.view(-1, 1, 1, 1), width.view(-1, 1, 1, 1), x.shape, x.device)
+        mask &= erase.view(-1, 1, 1, 1)
+        if self.value == "random":
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return torch.where(mask, noise, x), y
+        return x.masked_fill(mask, self.value), y
 
 
 def sample_beta(alpha: float, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from cvarch.augment import check_size_option, pixels, too_large
+
 # views per scale of each ``views`` option
 VIEWS_PER_SCALE = {"none": 1, "flip": 2, "ten_crop": 10, "flip_translate": 6}
 # airbench's (Jordan 2024 §3.7) weights of its six views: the centre and its flip a quarter each, the four
@@ -52,7 +54,9 @@ class TestTimeAugment:
             in [0, 1], uint8 input included.
         train_size: the paper's training crop, in its pixels (ResNet: 224); the unit of ``sizes``.
         chunk_size: views per forward pass, concatenated along the batch; bounds memory, not the result.
-        translate: shift in pixels of the translated views of ``flip_translate`` (airbench94: 1).
+        translate: shift of the translated views of ``flip_translate``: pixels (an int >= 1; airbench94: 1)
+            or a fraction of the crop side (a float in (0, 1]); less than the crop side, checked by
+            :meth:`configure`.
         average: ``"softmax"`` averages the views' probabilities (Krizhevsky et al.), ``"logits"`` their
             logits
             (airbench), then takes the softmax.
@@ -66,7 +70,7 @@ class TestTimeAugment:
         sizes: Sequence[int] | None = None,
         train_size: int = 224,
         chunk_size: int = 10,
-        translate: int = 1,
+        translate: int | float = 1,
         average: str = "softmax",
     ) -> None:
         if views not in VIEWS_PER_SCALE:
@@ -81,8 +85,7 @@ class TestTimeAugment:
             raise ValueError(f"tta.train_size must be a positive number of pixels, got {train_size}")
         if chunk_size < 1:
             raise ValueError(f"tta.chunk_size must be >= 1 view per forward pass, got {chunk_size}")
-        if translate < 1:
-            raise ValueError(f"tta.translate must be a positive number of pixels, got {translate}")
+        check_size_option(translate, "tta.translate")
         if average not in ("softmax", "logits"):
             raise ValueError(f"tta.average must be softmax or logits, got {average!r}")
         self.mode = views  # not ``self.views``: that name is the method
@@ -97,7 +100,12 @@ class TestTimeAugment:
         self._warned = False  # the duplicate-views warning is given once
 
     def configure(self, crop: int, padding: int = 0, padding_mode: str = "constant") -> TestTimeAugment:
-        """Sets the training input's geometry, which the views reproduce; returns self.
+        """Sets the training input's geometry, which the views reproduce, and checks that every view fits it
+        (the LightningModule calls it once the data's image size is known, before any step); returns self.
+
+        Raises:
+            ValueError: naming the key (``tta.sizes``, ``tta.translate``) and the crop, when a view cannot be
+                taken at this size.
 
         Args:
             crop: side of the training inputs in pixels (the augment group's output size).
@@ -108,6 +116,13 @@ class TestTimeAugment:
             raise ValueError(f"tta crop (the augment group's output size) must be >= 1 pixel, got {crop}")
         if padding < 0:
             raise ValueError(f"tta padding (the augment crop's padding) must be >= 0, got {padding}")
+        if padding >= crop:  # the corner views of ten_crop would be all padding
+            raise too_large(
+                "tta padding (the augment crop's padding)", padding, crop, "a view could be all padding"
+            )
+        if self.mode == "flip_translate" and pixels(self.translate, crop) >= crop:
+            # reflect padding of the centre view, as airbench pads: less than its side
+            raise too_large("tta.translate", self.translate, crop, "a shift must be less than the crop side")
         # the resized sides are known now: fail here, not at the first test batch
         for size in self.sizes or ():
             side = self._side(crop, size)
@@ -176,7 +191,8 @@ class TestTimeAugment:
     def _flip_translate(self, image: torch.Tensor) -> Iterator[torch.Tensor]:
         """airbench's six views of one scale: centre, shifted up-left and down-right, then their flips."""
         centre = self.center(image)
-        t, crop = self.translate, centre.shape[-1]
+        crop = centre.shape[-1]
+        t = pixels(self.translate, crop)
         shifted = F.pad(centre, [t] * 4, mode="reflect")
         views = [centre, shifted[..., :crop, :crop], shifted[..., 2 * t :, 2 * t :]]
         yield from views

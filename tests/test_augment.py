@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,20 +12,26 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import cvarch
 from cvarch.augment import (
     AlternatingFlip,
     Augment,
+    AutoAugment,
+    ColorJitter,
     Crop,
     CutMix,
     Cutout,
     Flip,
     MixUp,
     PCAColour,
+    RandAugment,
+    RandomErasing,
     RandomResizedCrop,
     ScaleAugment,
+    TrivialAugment,
     sample_beta,
 )
 from cvarch.callbacks import AugmentationGrid
@@ -33,6 +40,17 @@ from tests.conftest import DEVICES
 
 OPTIONS = sorted(p.stem for p in Path(CONFIG_DIR, "augment").glob("*.yaml"))
 MIXING = ("mixup", "cutmix")
+# the timm-style policies: each option and its op's key
+POLICIES = {
+    "randaugment": "randaugment",
+    "trivialaugment": "trivialaugment",
+    "autoaugment_cifar": "autoaugment",
+    "autoaugment_imagenet": "autoaugment",
+    "random_erasing": "random_erasing",
+    "color_jitter": "color_jitter",
+}
+# ops that change pixel values beyond padding and fill: a pixel no longer encodes its image's label
+RECOLOURING = ("randaugment", "trivialaugment", "autoaugment", "random_erasing", "color_jitter")
 
 
 def _labelled_images(n: int = 32, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +100,9 @@ def test_every_option_composes_and_keeps_each_label_with_its_image(option, compo
         assert torch.allclose(_decode(x.mean(dim=(1, 2, 3))), y @ classes, atol=1e-3)
         return
     assert torch.equal(y, labels)
+    if any(name in RECOLOURING for name in aug.ops):  # their values: test_policies_* below
+        assert 0 <= x.min() and x.max() <= 1
+        return
     # padding (0) and cutout (0.5) pixels carry no label; every other pixel is its own image's value
     kept = (x != 0) & (x != 0.5)
     assert kept.flatten(1).sum(dim=1).min() >= 32 * 32 * 3 // 2
@@ -124,8 +145,12 @@ def test_output_size(option, size, compose_tmp):
 def test_alexnet_crops_224_of_256_and_only_crop_sets_padding(compose_tmp):
     assert Crop(padding=0, scale=224 / 256).output_size(256) == 224
     assert _augment(compose_tmp, "augment=alexnet").padding == 0
-    assert _augment(compose_tmp, "augment=[cifar,cutout]").padding == 4
-    assert _augment(compose_tmp, "augment=cifar", "augment.ops.crop.padding=2").padding == 2
+    cifar = _augment(compose_tmp, "augment=[cifar,cutout]")
+    with pytest.raises(RuntimeError, match=r"augment\.ops\.crop\.padding=0\.125 is a fraction"):
+        cifar.padding  # noqa: B018 (the property raises): a fraction needs the image size
+    assert cifar.output_size(32) == 32 and cifar.padding == 4  # He et al.'s 4 of 32
+    assert cifar.output_shape((1, 8, 8)) == (1, 8, 8) and cifar.padding == 1  # 1/8 of 8×8 digits
+    assert _augment(compose_tmp, "augment=cifar", "augment.ops.crop.padding=2").padding == 2  # int: pixels
     assert _augment(compose_tmp, "augment=none").padding == 0
 
 
@@ -408,6 +433,20 @@ def test_command_line_overrides_reach_the_ops(compose_tmp):
         (lambda: ScaleAugment(short_side=(200, 480)), "augment.ops.scale.short_side"),
         (lambda: RandomResizedCrop(scale=(0.5, 0.1)), "augment.ops.random_resized_crop.scale"),
         (lambda: PCAColour(std=-1.0), "augment.ops.pca_colour.std"),
+        (lambda: Crop(padding=1.5), "augment.ops.crop.padding"),  # floats are fractions in (0, 1]
+        (lambda: Cutout(size=16.0), "augment.ops.cutout.size"),
+        (lambda: Cutout(size=True), "augment.ops.cutout.size"),
+        (lambda: RandAugment(magnitude=31), "augment.ops.randaugment.magnitude"),
+        (lambda: RandAugment(num_ops=-1), "augment.ops.randaugment.num_ops"),
+        (lambda: TrivialAugment(translate=0), "augment.ops.trivialaugment.translate"),
+        (lambda: AutoAugment(policy="cifar100"), "augment.ops.autoaugment.policy"),
+        (lambda: ColorJitter(hue=0.6), "augment.ops.color_jitter.hue"),
+        (lambda: ColorJitter(brightness=-0.1), "augment.ops.color_jitter.brightness"),
+        (lambda: RandomErasing(p=1.5), "augment.ops.random_erasing.p"),
+        (lambda: RandomErasing(scale=(0.4, 0.2)), "augment.ops.random_erasing.scale"),
+        (lambda: RandomErasing(ratio=(0.0, 3.3)), "augment.ops.random_erasing.ratio"),
+        (lambda: RandomErasing(value="noise"), "augment.ops.random_erasing.value"),
+        (lambda: RandomErasing(value=2.0), "augment.ops.random_erasing.value"),
     ],
 )
 def test_bad_values_name_their_config_key(build, key):
@@ -587,3 +626,252 @@ def test_flip_translate_is_airbenchs_alternating_flip_then_a_reflect_padded_2_pi
     crop = augment.ops["translate"]
     assert (crop.padding, crop.padding_mode, crop.output_size(32)) == (2, "reflect", 32)
     assert (augment.padding, augment.padding_mode) == (2, "reflect")
+
+
+# --- size-like options on small images: fractions of the side, or a clear error (the 8×8 digits) ---
+
+# (option, side) pairs whose defaults cannot apply, and must say so; none today: every size-like default is a
+# fraction of the side (crop padding, cutout, TrivialAugment's translation) or a pixel count that fits 8×8
+TOO_SMALL: set[tuple[str, int]] = set()
+
+
+def _digits_like(n: int = 64, size: int = 8, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    """uint8 (n, channels, size, size) random images, never 0 (padding) or 127/128 (the 0.5 fill)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(140, 256, (n, channels, size, size), dtype=torch.uint8, generator=gen)
+
+
+def test_cutout_from_its_config_leaves_part_of_every_8x8_image_unchanged(compose_tmp):
+    """The bug: a fixed 16-pixel square blanked every 8×8 digit. The paper's 16 of 32 is half the side."""
+    aug = _augment(compose_tmp, "augment=cutout")
+    assert aug.output_shape((1, 8, 8)) == (1, 8, 8)
+    x = _digits_like()
+    out, _ = aug(x, torch.zeros(64))
+    unchanged = (out == x / 255).flatten(1)
+    assert unchanged.any(dim=1).all()  # part of every image survives …
+    assert (~unchanged).any(dim=1).all()  # … and every image is cut (p = 1)
+    assert int((~unchanged).sum(dim=1).max()) <= 4 * 4  # at most the 4×4 square: half the side
+    out, _ = _augment(compose_tmp, "augment=[cifar,cutout]")(x, torch.zeros(64))
+    assert ((out != 0.5) & (out != 0)).flatten(1).any(dim=1).all()  # not an all-grey grid
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["augment=cutout", "augment.ops.cutout.size=16"], r"augment\.ops\.cutout\.size=16 \(pixels\)"),
+        (["augment=cifar", "augment.ops.crop.padding=8"], r"augment\.ops\.crop\.padding=8 \(pixels\)"),
+        (
+            ["augment=flip_translate", "augment.ops.translate.padding=8"],
+            r"augment\.ops\.translate\.padding=8",
+        ),
+        (["augment=alexnet", "augment.ops.crop.scale=0.05"], r"augment\.ops\.crop\.scale=0\.05"),
+        (
+            ["augment=trivialaugment", "augment.ops.trivialaugment.translate=32"],
+            r"augment\.ops\.trivialaugment\.translate=32 \(pixels\)",
+        ),
+    ],
+)
+def test_pixel_sizes_larger_than_the_image_raise_naming_the_key_and_the_image_size(
+    overrides, message, compose_tmp
+):
+    aug = _augment(compose_tmp, *overrides)
+    with pytest.raises(ValueError, match=message + r".*8×8"):
+        aug.output_shape((1, 8, 8))  # as cvarch-train calls it with the data's shape, before any step
+    with pytest.raises(ValueError, match=message):
+        aug.output_size(8)  # as the LightningModule's set_image_size calls it
+    aug.output_shape((3, 32, 32))  # the same pixels fit CIFAR
+
+
+def test_checks_run_on_the_side_each_op_receives(compose_tmp):
+    """AlexNet's crop outputs 7×7 of 8×8 digits: a 0.5 cutout after it is 4 pixels, 8 pixels are too many."""
+    aug = _augment(compose_tmp, "augment=[alexnet,cutout]")
+    assert aug.output_shape((1, 8, 8)) == (1, 7, 7)
+    aug = _augment(compose_tmp, "augment=[alexnet,cutout]", "augment.ops.cutout.size=8")
+    with pytest.raises(ValueError, match=r"augment\.ops\.cutout\.size=8 \(pixels\).*7×7"):
+        aug.output_shape((1, 8, 8))
+
+
+@pytest.mark.parametrize("size", [8, 32])
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o != "none"])
+def test_audit_every_option_fits_8x8_and_32x32_images_or_says_why(option, size, compose_tmp):
+    aug = _augment(compose_tmp, f"augment={option}")
+    images = _digits_like(n=48, size=size, channels=3)
+    labels = torch.arange(48) % 10
+    if (option, size) in TOO_SMALL:
+        with pytest.raises(ValueError, match=rf"augment\.ops\.\w+\.\w+=.*{size}×{size}"):
+            aug.output_shape(images.shape[1:])
+        return
+    channels, height, width = aug.output_shape(images.shape[1:])
+    aug.fit(images)
+    x, _ = aug(images, labels)
+    assert x.shape == (48, channels, height, width)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    # no option blanks the images: at most a few (TrivialAugment's widest shift, 32 of 32) are one colour
+    blank = (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1)) < 1e-6
+    assert int(blank.sum()) <= 2
+    if aug.padding:  # the crop's padding, in pixels now, leaves every crop part of the image
+        assert aug.padding < height
+
+
+def test_size_options_are_pixels_as_ints_and_fractions_of_the_side_as_floats():
+    from cvarch.augment import pixels
+
+    assert [pixels(0.125, s) for s in (8, 32, 224)] == [1, 4, 28]
+    assert [pixels(0.5, s) for s in (8, 32, 224)] == [4, 16, 112]
+    assert pixels(0.01, 8) == 1 and pixels(1.0, 8) == 8  # at least a pixel; 1.0 is the side
+    assert pixels(0.0625, 8) == 1  # 0.5 pixel rounds half up
+    assert pixels(16, 8) == 16  # ints are pixels, checked by the op against the side
+
+
+def test_fractional_padding_crops_as_the_same_padding_in_pixels():
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fraction, _ = Crop(padding=0.125)(x, None, torch.Generator().manual_seed(1))
+    in_pixels, _ = Crop(padding=4)(x, None, torch.Generator().manual_seed(1))
+    assert torch.equal(fraction, in_pixels)
+    fraction, _ = Cutout(size=0.25)(x, None, torch.Generator().manual_seed(1))
+    in_pixels, _ = Cutout(size=8)(x, None, torch.Generator().manual_seed(1))
+    assert torch.equal(fraction, in_pixels)
+
+
+# --- the timm-style policies: torchvision v2 transforms per image, seeded from the run's generator ---
+
+
+def _policy_op(compose_tmp, option: str, *overrides: str):
+    aug = _augment(compose_tmp, f"augment={option}", *overrides)
+    return aug, aug.ops[POLICIES[option]]
+
+
+@pytest.mark.parametrize("option", POLICIES)
+def test_policies_compose_after_the_cifar_crop_and_flip(option, compose_tmp):
+    aug = _augment(compose_tmp, f"augment=[{option},cifar]")
+    assert list(aug.ops) == ["crop", "flip", POLICIES[option]]  # geometric first, whatever the order given
+    images, labels = _labelled_images(n=16)
+    x, y = aug(images, labels)
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and torch.equal(y, labels)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("option", POLICIES)
+def test_policies_change_images_keep_shape_and_range_and_are_seeded(option, channels, compose_tmp):
+    x = _digits_like(n=32, size=16, channels=channels, seed=1)
+    labels = torch.arange(32) % 10
+
+    def run(seed: int) -> torch.Tensor:
+        aug, _ = _policy_op(compose_tmp, option, f"seed={seed}")
+        aug.output_shape(x.shape[1:])
+        return aug(x, labels)[0]
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = run(1)
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream (dropout, init) is untouched
+    torch.manual_seed(123)
+    b = run(1)  # the global state does not matter either
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run(2))
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert 0 <= a.min() and a.max() <= 1
+    changed = (a != x / 255).flatten(1).any(dim=1)
+    assert changed.float().mean() > 0.25  # most images change (random erasing: half, p = 0.5)
+
+
+@pytest.mark.parametrize("option", POLICIES)
+def test_policies_draw_their_parameters_per_image(option, compose_tmp):
+    """torchvision's v2 transforms draw one parameter set per call: copies of one image must still differ."""
+    aug, _ = _policy_op(compose_tmp, option)
+    one = _smooth_images(1, size=16, seed=2).mul(0.8).add(0.1)
+    x = one.expand(32, -1, -1, -1).contiguous()
+    out, _ = aug(x, torch.zeros(32))
+    distinct = {tuple(image.flatten().tolist()) for image in out}
+    assert len(distinct) >= 8
+
+
+@pytest.mark.parametrize("option", POLICIES)
+def test_policies_resume_from_the_generator_state(option, compose_tmp):
+    x, labels = _digits_like(n=8, size=16, channels=3), torch.zeros(8)
+    aug, _ = _policy_op(compose_tmp, option)
+    aug(x, labels)
+    state = aug.rng_state()
+    expected, _ = aug(x, labels)
+    resumed, _ = _policy_op(compose_tmp, option, "seed=99")
+    resumed.set_rng_state(state)
+    assert torch.equal(resumed(x, labels)[0], expected)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        RandAugment(),
+        TrivialAugment(),
+        AutoAugment("cifar10"),
+        AutoAugment("imagenet"),
+        ColorJitter(hue=0.1),
+    ],
+    ids=lambda o: type(o).__name__ + getattr(o, "policy", ""),
+)
+def test_per_image_ops_are_torchvision_v2_transforms_seeded_from_the_generator(op):
+    """Image i is torchvision's transform of image i with the global generator seeded by draw i (32×32:
+    TrivialAugment's translation of 1.0 of the side is torchvision's 32 pixels)."""
+    x = _smooth_images(12, size=32, seed=4)
+    out, _ = op(x, None, torch.Generator().manual_seed(5))
+    seeds = torch.randint(0, 2**62, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    reference = {
+        "RandAugment": v2.RandAugment(num_ops=2, magnitude=9),
+        "TrivialAugment": v2.TrivialAugmentWide(),
+        "AutoAugment": v2.AutoAugment(v2.AutoAugmentPolicy(getattr(op, "policy", "imagenet"))),
+        "ColorJitter": v2.ColorJitter(0.4, 0.4, 0.4, 0.1),
+    }[type(op).__name__]
+    for i, seed in enumerate(seeds):
+        torch.manual_seed(seed)
+        assert torch.equal(out[i], reference(x[i])), i
+
+
+def test_trivialaugment_translation_is_the_papers_32_pixels_on_cifar_and_scales_with_the_side():
+    space = TrivialAugment().transform._AUGMENTATION_SPACE
+    for side, most in ((32, 32.0), (8, 8.0), (224, 224.0)):
+        assert space["TranslateX"][0](31, side, side).max().item() == most
+    assert (
+        TrivialAugment(translate=32).transform._AUGMENTATION_SPACE["TranslateY"][0](31, 224, 224).max() == 32
+    )
+    reference = v2.TrivialAugmentWide._AUGMENTATION_SPACE  # every other op as torchvision's
+    assert list(space) == list(reference)
+    assert all(space[k] is reference[k] for k in reference if not k.startswith("Translate"))
+
+
+def test_random_erasing_erases_one_box_of_the_configured_area_with_probability_p():
+    x = torch.full((400, 3, 32, 32), 0.25)
+    out, _ = RandomErasing(p=0.5, value=0.75)(x, None, torch.Generator().manual_seed(0))
+    erased = (out == 0.75)[:, 0]
+    assert torch.equal((out == 0.75)[:, 0], (out == 0.75)[:, 2])  # every channel
+    hit = erased.flatten(1).any(dim=1)
+    assert 0.4 < hit.float().mean() < 0.6  # p = 0.5
+    for m in erased[hit]:
+        rows, cols = m.any(dim=1).nonzero().flatten(), m.any(dim=0).nonzero().flatten()
+        assert int(m.sum()) == len(rows) * len(cols)  # one rectangle, inside the image
+        area = len(rows) * len(cols) / (32 * 32)
+        assert 0.01 < area < 0.36  # 0.02–0.33 of the area, up to rounding of the sides
+        assert 0.2 < len(rows) / len(cols) < 5  # ratio 0.3–3.3, up to rounding
+    noisy, _ = RandomErasing(p=1.0)(x, None, torch.Generator().manual_seed(0))
+    assert 0 <= noisy.min() and noisy.max() <= 1
+    assert (noisy != 0.25).flatten(1).any(dim=1).float().mean() > 0.95  # random values, per pixel
+    assert torch.equal(RandomErasing(p=0.0)(x, None, torch.Generator())[0], x)
+
+
+def test_color_jitter_leaves_one_channel_images_saturation_and_hue_alone():
+    x = _smooth_images(16, size=8, seed=1)[:, :1]
+    jitter = ColorJitter(brightness=0.0, contrast=0.0, saturation=0.9, hue=0.5)
+    assert torch.equal(jitter(x, None, torch.Generator().manual_seed(0))[0], x)
+
+
+def test_policy_configs_say_what_they_build(compose_tmp):
+    for option, key in POLICIES.items():
+        node = compose_tmp(f"augment={option}").augment.ops[key]
+        assert re.fullmatch(r"cvarch\.augment\.\w+", node._target_)
+    assert _augment(compose_tmp, "augment=autoaugment_cifar").ops["autoaugment"].policy == "cifar10"
+    assert _augment(compose_tmp, "augment=autoaugment_imagenet").ops["autoaugment"].policy == "imagenet"
+    randaugment = _augment(compose_tmp, "augment=randaugment").ops["randaugment"]
+    assert (randaugment.num_ops, randaugment.magnitude) == (2, 9)  # torchvision's defaults
+    jitter = _augment(compose_tmp, "augment=color_jitter").ops["color_jitter"]
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (0.4, 0.4, 0.4, 0.0)
+    erasing = _augment(compose_tmp, "augment=random_erasing").ops["random_erasing"]
+    assert (erasing.p, erasing.scale, erasing.ratio) == (0.5, (0.02, 0.33), (0.3, 3.3))

@@ -296,3 +296,44 @@ def test_flip_translate_predicts_the_softmax_of_airbenchs_weighted_mean_logits()
     views = list(tta.views(x))
     weighted = sum(w * forward(v).softmax(-1) for w, v in zip(tta.weights(), views, strict=True))
     assert torch.allclose(probs, weighted, atol=1e-6) and not torch.allclose(probs, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [8, 32])
+@pytest.mark.parametrize("augment", ["none", "cifar", "alexnet", "flip_translate"])
+@pytest.mark.parametrize("option", OPTIONS)
+def test_audit_every_option_fits_8x8_and_32x32_images_or_says_why(option, augment, size, compose_tmp):
+    """Every view of every option, configured as training configures it (the augment group's crop and its
+    padding), is a crop-sized window holding image pixels, on the 8×8 digits as on CIFAR."""
+    aug = instantiate(compose_tmp(f"augment={augment}").augment)
+    crop = aug.output_size(size)
+    tta = _option(option).configure(crop, aug.padding, aug.padding_mode)
+    x = torch.randint(
+        1, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # ten crops of an unpadded image: duplicates
+        views = list(tta.views(x))
+    assert len(views) == tta.num_views
+    for view in views:
+        assert view.shape == (2, 3, crop, crop)
+        assert (view.flatten(1) != 0).any(dim=1).all()  # never all padding
+
+
+def test_translate_is_pixels_or_a_fraction_of_the_crop_and_must_be_less_than_it():
+    x = _images(n=2, size=8)
+    in_pixels = list(TestTimeAugment(views="flip_translate", translate=2).configure(crop=8).views(x))
+    fraction = list(TestTimeAugment(views="flip_translate", translate=0.25).configure(crop=8).views(x))
+    assert all(torch.equal(a, b) for a, b in zip(in_pixels, fraction, strict=True))
+    with pytest.raises(ValueError, match=r"tta\.translate=8 \(pixels\).*8×8"):
+        TestTimeAugment(views="flip_translate", translate=8).configure(crop=8)
+    with pytest.raises(ValueError, match=r"tta\.translate=1\.0 \(of the side = 8 pixels\).*8×8"):
+        TestTimeAugment(views="flip_translate", translate=1.0).configure(crop=8)
+    with pytest.raises(ValueError, match=r"tta\.translate"):
+        TestTimeAugment(translate=1.5)  # floats are fractions in (0, 1]
+    TestTimeAugment(views="flip", translate=8).configure(crop=8)  # unused by the other views
+
+
+def test_padding_as_large_as_the_crop_is_refused():
+    """A crop padded by its own side has corner views of padding alone."""
+    with pytest.raises(ValueError, match=r"padding.*=8 \(pixels\).*8×8"):
+        TestTimeAugment(views="ten_crop").configure(crop=8, padding=8)
