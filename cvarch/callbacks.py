@@ -3,24 +3,58 @@
 from __future__ import annotations
 
 import json
+import math
+import textwrap
+import time
 from collections.abc import Sequence
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
+from matplotlib.figure import Figure
+from pytorch_lightning.callbacks import EMAWeightAveraging, RichModelSummary, RichProgressBar, WeightAveraging
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.model_summary import get_human_readable_count
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-CURVES = (("loss", ("train/loss", "val/loss")), ("accuracy", ("train/acc", "val/acc")))
+from cvarch.models import meta_forward
+from cvarch.plots import figure, integer_epochs, legend_beside, run_title, save
+
+# panel title, y-axis label (with its unit), the history keys drawn
+CURVES = (
+    ("loss", "cross-entropy", ("train/loss", "val/loss")),
+    ("accuracy", "accuracy (fraction)", ("train/acc", "val/acc")),
+)
+
+
+def _title(pl_module: Any = None) -> str:
+    """The title naming the run (:func:`cvarch.plots.run_title`); outside a Hydra job, the model's class."""
+    title = run_title()
+    if title or pl_module is None:
+        return title
+    return type(getattr(pl_module, "model", pl_module)).__name__
+
+
+def _choices() -> dict[str, str]:
+    """The running Hydra job's config-group choices (``runtime.choices``); ``{}`` outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return dict(HydraConfig.get().runtime.choices)
+    except ValueError:  # no Hydra job (plain Python, a spawned DDP process)
+        return {}
 
 
 class LearningCurves(pl.Callback):
     """Records per-epoch train/val loss and accuracy and draws them to a PNG in the run directory.
 
     The history is also written as JSON next to the figure, and kept in the checkpoint so a resumed run
-    continues its curves.
+    continues its curves. The figure's title names the run (:func:`cvarch.plots.run_title`).
 
     Args:
         dirpath: folder of ``learning_curves.png`` and ``history.json``.
@@ -31,6 +65,10 @@ class LearningCurves(pl.Callback):
         self.dirpath = Path(dirpath)
         self.filename = filename
         self.history: list[dict[str, float]] = []
+        self.title = ""  # set when the fit starts, where the module is known
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.title = _title(pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -54,30 +92,26 @@ class LearningCurves(pl.Callback):
         if trainer.is_global_zero and self.history:
             self.save()
 
-    def save(self) -> Path:
-        """Writes ``history.json`` and the figure; returns the figure's path."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        (self.dirpath / "history.json").write_text(json.dumps(self.history, indent=1))
-        fig, axes = plt.subplots(1, len(CURVES), figsize=(10, 4))
-        for ax, (title, keys) in zip(axes, CURVES, strict=True):
+    def draw(self) -> Figure:
+        """The loss and accuracy panels, epochs 1-based on whole-epoch ticks, legends beside the data."""
+        fig = figure(11, 4)
+        for ax, (name, unit, keys) in zip(fig.subplots(1, len(CURVES)), CURVES, strict=True):
             for key in keys:
                 points = [(r["epoch"] + 1, r[key]) for r in self.history if key in r]
                 if points:
                     ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=key)
-            ax.set_xlabel("epoch")
-            ax.set_title(title)
+            integer_epochs(ax)
+            ax.set_ylabel(unit)
+            ax.set_title(name)
             ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        path = self.dirpath / self.filename
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+            legend_beside(ax)
+        return fig
+
+    def save(self) -> Path:
+        """Writes ``history.json`` and the figure; returns the figure's path."""
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / "history.json").write_text(json.dumps(self.history, indent=1))
+        return save(self.draw(), self.dirpath / self.filename, title=self.title or run_title(), dpi=100)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -156,23 +190,38 @@ class DivergenceGuard(pl.Callback):
 ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.GELU, nn.ELU, nn.SiLU)
 
 
+def _init_name(pl_module: Any) -> str:
+    """The ``init`` group's option (Hydra's choice, else its class), with its std where it has one: the
+    lecture's N(0, 0.01) and N(0, 1) are both ``init=normal``."""
+    init = dict(getattr(pl_module, "hparams", None) or {}).get("init") or {}
+    name = _choices().get("init") or str(init.get("_target_", "the model's own")).rsplit(".", 1)[-1]
+    return f"{name} (std {init['std']:g})" if "std" in init else name
+
+
 class ActivationStats(pl.Callback):
     """Per-layer activation statistics and gradient norms, as the lecture's initialization study plots them.
 
+    Stanford CS231n 2017, lecture 6, "Weight Initialization" slides (after Glorot & Bengio 2010, Fig. 6).
     At the first training step and every ``every_n_steps`` after it, the output of every activation module
     (the lecture's hidden layers ``H = f(W·X)``) is recorded: mean, std, the fraction saturated
-    (``|a| > saturation``) and a histogram; after that step's backward, the gradient norm of each layer's
-    weights ("think about the backward pass: what do the gradients look like?"). Written to
-    ``activation_stats.json`` and drawn to ``activation_stats.png`` (per-layer mean and std, then a row of
-    per-layer histograms of the first record); each record also goes to W&B as histograms when it is on.
+    (``|a| > saturation``), a histogram and the fraction of values outside its range; after that step's
+    backward, the gradient norm of each conv/linear layer's weights ("think about the backward pass: what do
+    the gradients look like?"). Written to ``activation_stats.json`` and drawn to ``activation_stats.png``:
+    per-layer mean, std and weight-gradient norm of the first record, then its per-layer histograms, under a
+    title naming the run, the init and the activation; each record also goes to W&B as histograms when it
+    is on.
+
+    The histograms of one record share one range, so a collapse shows as a narrowing spike. By default it is
+    the range of all layers' values, so every value is counted; a fixed ``hist_range`` (the lecture's
+    ``plt.hist(H, 30, range=(-1, 1))``) clips, and the share of each layer's values it leaves out is recorded
+    (``outside``) and printed on its histogram.
 
     Args:
         dirpath: folder of the JSON and PNG files.
         every_n_steps: record period in optimizer steps (the first step is always recorded).
         bins: histogram bins.
         saturation: |activation| above which a unit counts as saturated (tanh: 0.95).
-        hist_range: histogram range shared by all layers, so a collapse shows (the lecture's
-            ``plt.hist(H, 30, range=(-1, 1))``); ``None`` uses each layer's own range.
+        hist_range: ``(low, high)`` of every histogram; ``None``: the range of all layers' values at the step.
     """
 
     def __init__(
@@ -181,54 +230,85 @@ class ActivationStats(pl.Callback):
         every_n_steps: int = 100,
         bins: int = 30,
         saturation: float = 0.95,
-        hist_range: Sequence[float] | None = (-1.0, 1.0),
+        hist_range: Sequence[float] | None = None,
     ) -> None:
+        if hist_range is not None and not float(hist_range[0]) < float(hist_range[1]):
+            raise ValueError(f"callbacks.activation_stats.hist_range must be [low, high], got {hist_range}")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.bins = bins
         self.saturation = saturation
-        self.hist_range = tuple(hist_range) if hist_range is not None else None
+        self.hist_range = (float(hist_range[0]), float(hist_range[1])) if hist_range is not None else None
         self.records: list[dict[str, Any]] = []
+        self.title = ""  # the run, the init: set when the fit starts
+        self.init = ""
         self._hooks: list[Any] = []
+        self._outputs: list[tuple[str, str, torch.Tensor]] = []  # (name, type, output) of the recorded step
         self._current: dict[str, Any] | None = None
 
     def _layers(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in pl_module.model.named_modules() if isinstance(m, ACTIVATIONS)]
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.title = _title(pl_module)
+        self.init = _init_name(pl_module)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps:
-            return
+        if step % self.every_n_steps or (self.records and self.records[-1]["step"] == step):
+            return  # not a record step, or its first micro-batch (gradient accumulation) was recorded
         self._current = {"step": step, "layers": []}
         for name, module in self._layers(pl_module):
             self._hooks.append(module.register_forward_hook(self._recorder(name)))
 
     def _recorder(self, name: str):
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            a = output.detach().float()
-            low, high = self.hist_range or (float(a.min()), float(a.max()))
-            if high <= low:
-                high = low + 1e-12
-            counts = torch.histc(a, bins=self.bins, min=low, max=high)
-            self._current["layers"].append(
-                {
-                    "name": name,
-                    "mean": float(a.mean()),
-                    "std": float(a.std()),
-                    "saturated": float((a.abs() > self.saturation).float().mean()),
-                    "hist": counts.tolist(),
-                    "range": [low, high],
-                }
-            )
+            # a copy: an in-place op later in the forward must not change what is counted
+            self._outputs.append((name, type(module).__name__, output.detach().float().clone()))
 
         return hook
 
-    def on_after_backward(self, trainer, pl_module) -> None:
-        if self._current is None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        if self._current is None or not self._hooks:
             return
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self._current["layers"] = self.layer_stats(self._outputs)
+        self._outputs = []  # freed before the backward pass needs the memory
+
+    def layer_stats(self, outputs: Sequence[tuple[str, str, torch.Tensor]]) -> list[dict[str, Any]]:
+        """A record's layers from ``(name, module type, output)`` triples; histograms on one shared range."""
+        if not outputs:
+            return []
+        if self.hist_range is not None:
+            low, high = self.hist_range
+        else:
+            low = min(float(a.min()) for _, _, a in outputs)
+            high = max(float(a.max()) for _, _, a in outputs)
+            if high <= low:  # every value the same: a unit-wide range around it
+                low, high = low - 0.5, high + 0.5
+        layers = []
+        for name, kind, a in outputs:
+            layers.append(
+                {
+                    "name": name,
+                    "type": kind,
+                    "mean": float(a.mean()),
+                    "std": float(a.std()),
+                    "saturated": float((a.abs() > self.saturation).float().mean()),
+                    "hist": torch.histc(a, bins=self.bins, min=low, max=high).tolist(),
+                    "range": [low, high],
+                    "outside": float(((a < low) | (a > high)).float().mean()),  # not in the histogram
+                }
+            )
+        return layers
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self._current is None:
+            return
         weights = [m.weight for m in pl_module.model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         norms = [float(w.grad.norm()) if w.grad is not None else 0.0 for w in weights]
         self._current["grad_norms"] = norms
@@ -258,35 +338,59 @@ class ActivationStats(pl.Callback):
 
     def save(self) -> Path:
         """Writes ``activation_stats.json`` and the lecture-style figure; returns the figure's path."""
-        from matplotlib.figure import Figure
-
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / "activation_stats.json").write_text(json.dumps(self.records))
-        first = self.records[0]["layers"]
-        n = len(first)
-        fig = Figure(figsize=(max(8, 1.6 * n), 6))
-        top = fig.subplots(2, 2, gridspec_kw={"height_ratios": [1, 1]})[0]
-        layers = range(1, n + 1)
-        top[0].plot(layers, [layer["mean"] for layer in first], "ob-")
-        top[0].set_title("layer mean")
-        top[1].plot(layers, [layer["std"] for layer in first], "or-")
-        top[1].set_title("layer std")
-        for ax in top:
-            ax.set_xlabel("layer")
-        fig.axes[2].remove()
-        fig.axes[2].remove()
-        for i, layer in enumerate(first):
-            ax = fig.add_subplot(2, n, n + i + 1)
-            edges = torch.linspace(*layer["range"], self.bins + 1)
-            ax.bar(edges[:-1].tolist(), layer["hist"], width=float(edges[1] - edges[0]), align="edge")
-            ax.set_title(f"{i + 1}", fontsize=8)
+        record = self.records[0]
+        kinds = sorted({layer.get("type", "?") for layer in record["layers"]})
+        about = f"init: {self.init or '?'} · activation: {', '.join(kinds) or 'none'} · step {record['step']}"
+        title = "\n".join(part for part in (self.title or run_title(), about) if part)
+        return save(self.draw(), self.dirpath / "activation_stats.png", title=title, dpi=90)
+
+    def draw(self, index: int = 0) -> Figure:
+        """Record ``index``: per-layer mean, std and weight-gradient norm, then the per-layer histograms."""
+        record = self.records[index]
+        layers, norms = record["layers"], record.get("grad_norms", [])
+        n = len(layers)
+        fig = figure(max(12.0, 1.2 * n), 7.0)
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1.0])
+        mean_ax, std_ax, grad_ax = top.subplots(1, 3)
+        x = range(1, n + 1)
+        means, stds = [layer["mean"] for layer in layers], [layer["std"] for layer in layers]
+        # fixed spans, so a flat curve looks flat: std from 0, the mean on the scale of the spread (±max std)
+        span = 1.1 * max([abs(m) for m in means] + stds, default=0.0) or 1.0
+        mean_ax.plot(x, means, "o-", color="C0")
+        mean_ax.axhline(0.0, color="grey", linewidth=0.5)
+        mean_ax.set_ylim(-span, span)
+        mean_ax.set(title="layer mean", ylabel="mean activation")
+        std_ax.plot(x, stds, "o-", color="C3")
+        std_ax.set_ylim(0.0, 1.1 * max(stds, default=0.0) or 1.0)
+        std_ax.set(title="layer std", ylabel="activation std")
+        grad_ax.plot(range(1, len(norms) + 1), norms, "o-", color="C2")
+        if norms and min(norms) > 0 and max(norms) / min(norms) > 100:  # vanishing or exploding: log scale
+            grad_ax.set(yscale="log", ylabel="‖∂L/∂W‖₂ (log scale)")
+        else:
+            grad_ax.set(ylim=(0.0, 1.1 * max(norms, default=0.0) or 1.0), ylabel="‖∂L/∂W‖₂")
+        grad_ax.set_title("weight gradient norm")
+        for ax, label in ((mean_ax, "layer"), (std_ax, "layer"), (grad_ax, "conv/linear layer")):
+            integer_epochs(ax, label)
+            ax.grid(alpha=0.3)
+        hist_axes = bottom.subplots(1, max(n, 1), sharex=True, squeeze=False)[0]
+        for i, (ax, layer) in enumerate(zip(hist_axes, layers, strict=False)):
+            low, high = layer["range"]
+            width = (high - low) / len(layer["hist"])
+            ax.bar(
+                [low + k * width for k in range(len(layer["hist"]))], layer["hist"], width=width, align="edge"
+            )
+            label = f"{i + 1}: std {layer['std']:.2g}"
+            if layer.get("outside", 0.0) > 0:
+                label += f"\n{layer['outside']:.0%} outside"
+            ax.set_title(label, fontsize=7)
             ax.set_yticks([])
             ax.tick_params(labelsize=6)
-        fig.suptitle(f"activations at step {self.records[0]['step']}")
-        fig.tight_layout()
-        path = self.dirpath / "activation_stats.png"
-        fig.savefig(path, dpi=90)
-        return path
+        low, high = layers[0]["range"] if layers else (0.0, 0.0)
+        bottom.supxlabel(f"activation value (one range for all layers: [{low:.3g}, {high:.3g}])", fontsize=8)
+        bottom.supylabel("units", fontsize=8)
+        return fig
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": self.records}
@@ -300,7 +404,10 @@ class AugmentationGrid(pl.Callback):
 
     The ``augment`` group runs on the device in the module's ``on_after_batch_transfer``, so the batch given
     to ``on_train_batch_start`` is already augmented. Saved once, on rank zero; uint8 and float [0, 1] images
-    both work (float values outside [0, 1], e.g. after PCA colour, are clipped for display only).
+    both work (float values outside [0, 1], e.g. after PCA colour, are clipped for display only). Images are
+    enlarged by an integer factor, nearest-neighbour, to at least ``TILE_PX`` pixels a side, and drawn one
+    image pixel to one PNG pixel, each with its class (soft targets, mixup/cutmix: the dominant class and its
+    weight) under a title naming the run and the augmentation ops, wrapped to the grid's width.
 
     Args:
         dirpath: folder of the PNG (the run directory).
@@ -308,6 +415,11 @@ class AugmentationGrid(pl.Callback):
         num_images: first images of the batch shown.
         nrow: images per row of the grid.
     """
+
+    TILE_PX = 96  # smallest drawn side of an image: 8×8 digits ×12, 32×32 CIFAR ×3
+    PADDING = 2  # pixels between images (torchvision's make_grid default)
+    DPI = 100
+    LINE_PX = 18  # height of a title line; the title is wrapped to the grid's width
 
     def __init__(
         self, dirpath: str, filename: str = "augment_grid.png", num_images: int = 64, nrow: int = 8
@@ -327,20 +439,63 @@ class AugmentationGrid(pl.Callback):
             return
         self.saved = True
         if trainer.is_global_zero:
-            from pytorch_lightning.utilities import rank_zero_info
+            augment = getattr(pl_module, "augment", None)
+            ops = ", ".join(augment.ops) if augment is not None else ""
+            title = "\n".join(
+                part
+                for part in (_title(pl_module), f"first training batch, augment: {ops or 'none'}")
+                if part
+            )
+            classes = getattr(getattr(trainer, "datamodule", None), "classes", None)
+            rank_zero_info(f"augmented training images: {self.save(batch[0], batch[1], classes, title)}")
 
-            rank_zero_info(f"augmented training images: {self.save(batch[0])}")
+    def save(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        classes: Sequence[str] | None = None,
+        title: str = "",
+    ) -> Path:
+        """Draws the first ``num_images`` of a uint8 or float [0, 1] (N, C, H, W) batch with their labels
+        (class indices, or (N, K) soft targets) to the PNG; returns its path.
 
-    def save(self, images: torch.Tensor) -> Path:
-        """Writes the first ``num_images`` of a uint8 or float [0, 1] (N, C, H, W) batch; returns its path."""
-        from torchvision.utils import save_image
+        Args:
+            images: the batch.
+            labels: its targets; ``None`` draws no labels.
+            classes: class names by index; ``None`` writes the indices.
+            title: the figure's title.
+        """
+        from torchvision.utils import make_grid
 
         images = images[: self.num_images].detach().cpu()
         images = images.float().div(255.0) if images.dtype == torch.uint8 else images.float().clamp(0.0, 1.0)
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / self.filename
-        save_image(images, path, nrow=self.nrow)
-        return path
+        scale = max(1, math.ceil(self.TILE_PX / min(images.shape[-2:])))
+        images = nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+        grid = make_grid(images, nrow=self.nrow, padding=self.PADDING, pad_value=1.0)  # (3, H, W)
+        height, width = grid.shape[1:]
+        chars = max(40, width // 8)  # characters of a 10-point line across the grid (~7.6 px each)
+        title = "\n".join(wrapped for line in title.splitlines() for wrapped in textwrap.wrap(line, chars))
+        band = self.LINE_PX * len(title.splitlines()) + 14 if title else 0
+        fig = Figure(figsize=(width / self.DPI, (height + band) / self.DPI))
+        ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + band)))  # one image pixel per PNG pixel
+        ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_axis_off()
+        tile_h, tile_w = images.shape[-2] + self.PADDING, images.shape[-1] + self.PADDING
+        for i, label in enumerate(labels[: len(images)] if labels is not None else []):
+            row, col = divmod(i, min(self.nrow, len(images)))
+            x, y = col * tile_w + self.PADDING + 2, row * tile_h + self.PADDING + 2
+            ax.text(x, y, _label_text(label, classes), fontsize=7, color="white", ha="left", va="top",
+                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.0, "linewidth": 0})  # fmt: skip
+        return save(fig, self.dirpath / self.filename, title=title, dpi=self.DPI)
+
+
+def _label_text(label: torch.Tensor, classes: Sequence[str] | None) -> str:
+    """A class index's name; for a soft target (mixup, cutmix), its dominant class and that class's weight."""
+    if label.ndim == 0:
+        k = int(label)
+        return str(classes[k]) if classes is not None and k < len(classes) else str(k)
+    weight, k = label.float().max(dim=0)
+    return f"{_label_text(k, classes)} {100 * float(weight):.3g}%"
 
 
 class TestPredictions(pl.Callback):
@@ -493,3 +648,160 @@ class Lookahead(_EvaluateAveraged, WeightAveraging):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._latest_update_step != before:  # updated: the trained weights restart from the slow ones
             self._copy_average_to_current(pl_module)
+
+
+def summarize_model(
+    model: nn.Module, input_shape: Sequence[int] | None, max_depth: int = 1
+) -> tuple[list[dict[str, Any]], int]:
+    """The model's layers down to ``max_depth`` (-1: all) with their parameters, mode, FLOPs and sizes for one
+    image, and the FLOPs of the whole forward: ``torch.utils.flop_counter.FlopCounterMode``'s count (two per
+    multiply-add of convolutions, linear layers and matmuls) on the meta device, as
+    :func:`cvarch.cost.count_flops` counts them.
+
+    Args:
+        model: any ``nn.Module``.
+        input_shape: (C, H, W) of one image; ``None`` counts no FLOPs and leaves the sizes unknown.
+        max_depth: levels of nesting listed (1: the model's children).
+
+    Returns:
+        ``(rows, total_flops)``; each row has ``name``, ``type``, ``params``, ``training``, ``flops``,
+        ``in_size`` and ``out_size`` (``"?"`` when unknown).
+    """
+    modules = [(n, m) for n, m in model.named_modules() if n and (max_depth < 0 or n.count(".") < max_depth)]
+    rows = {
+        name: {"name": name, "type": type(m).__name__, "params": sum(p.numel() for p in m.parameters()),
+               "training": m.training, "flops": 0, "in_size": "?", "out_size": "?"}
+        for name, m in modules
+    }  # fmt: skip
+    if input_shape is None:
+        return list(rows.values()), 0
+    counter = FlopCounterMode(display=False)
+    started: dict[str, int] = {}
+
+    def size(value: Any) -> Any:
+        return list(value.shape) if isinstance(value, torch.Tensor) else "?"
+
+    def enter(name: str, module: nn.Module, args: tuple) -> None:
+        started[name] = counter.get_total_flops()
+        if rows[name]["in_size"] == "?" and args:
+            rows[name]["in_size"] = size(args[0])
+
+    def leave(name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        rows[name]["flops"] += counter.get_total_flops() - started[name]  # a module called twice counts twice
+        if rows[name]["out_size"] == "?":
+            rows[name]["out_size"] = size(output)
+
+    hooks = [m.register_forward_pre_hook(partial(enter, n)) for n, m in modules]
+    hooks += [m.register_forward_hook(partial(leave, n)) for n, m in modules]
+    try:
+        with counter:
+            meta_forward(model, (1, *input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(rows.values()), counter.get_total_flops()
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary of the module's ``model`` only: its layers to ``max_depth``, without the
+    metric modules (``train_acc``, ``val_acc``, …) that Lightning's lists beside them, and the FLOPs of one
+    image (:func:`summarize_model`; Lightning counts them only with ``example_input_array`` and else prints
+    0). The image's shape is the module's ``example_input_array``'s, else the datamodule's ``image_shape``
+    after the ``augment`` group's crop (what the model sees).
+
+    Args:
+        max_depth: levels of the model's nesting listed (1: its children; -1: all; 0: no summary).
+        **summarize_kwargs: passed to Lightning's table (``header_style``).
+    """
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._max_depth:
+            return
+        model = pl_module.model
+        rows, total_flops = summarize_model(model, _input_shape(trainer, pl_module), self._max_depth)
+        if not trainer.is_global_zero:
+            return
+        sized = [row for row in rows if row["in_size"] != "?"]
+        data = [
+            (" ", [str(i) for i in range(len(rows))]),
+            ("Name", [row["name"] for row in rows]),
+            ("Type", [row["type"] for row in rows]),
+            ("Params", [get_human_readable_count(row["params"]) for row in rows]),
+            ("Mode", ["train" if row["training"] else "eval" for row in rows]),
+            ("FLOPs", [get_human_readable_count(row["flops"]) for row in rows]),
+        ]
+        if sized:
+            data += [
+                ("In sizes", [str(r["in_size"]) for r in rows]),
+                ("Out sizes", [str(r["out_size"]) for r in rows]),
+            ]
+        params = list(model.parameters())
+        modes = [m.training for m in model.modules()][1:]
+        self.summarize(
+            data,
+            sum(p.numel() for p in params),
+            sum(p.numel() for p in params if p.requires_grad),
+            sum(p.numel() * p.element_size() for p in params) / 1e6,  # MB of the weights as stored
+            {"train": modes.count(True), "eval": modes.count(False)},
+            total_flops=total_flops,
+            **self._summarize_kwargs,
+        )
+
+
+def _input_shape(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, ...] | None:
+    """(C, H, W) of what the model sees: ``example_input_array``'s, else the datamodule's image shape after
+    the ``augment`` group's crop; ``None`` when neither is known."""
+    example = getattr(pl_module, "example_input_array", None)
+    if isinstance(example, torch.Tensor):
+        return tuple(example.shape[1:])
+    shape = getattr(getattr(trainer, "datamodule", None), "image_shape", None)
+    augment = getattr(pl_module, "augment", None)
+    if shape is None:
+        return None
+    return tuple(augment.output_shape(shape)) if augment is not None else tuple(shape)
+
+
+def run_eta(elapsed_s: float, steps_done: int, steps_left: float) -> float | None:
+    """Seconds the run has left at the pace measured so far: ``steps_left · elapsed_s / steps_done``.
+
+    Args:
+        elapsed_s: wall-clock seconds since the measurement started (validation included, so its share of
+            the run is in the pace).
+        steps_done: optimizer steps since then.
+        steps_left: optimizer steps to the end of the run (``inf`` without a limit).
+
+    Returns:
+        The estimate, or ``None`` before the first step or without a limit.
+    """
+    if steps_done <= 0 or not math.isfinite(steps_left):
+        return None
+    return max(steps_left, 0.0) * elapsed_s / steps_done
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, whose time column gives the epoch's remaining time, plus the whole
+    run's: ``run ETA`` among the metrics (:func:`run_eta`: ``trainer.estimated_stepping_batches`` less
+    ``global_step``, at this invocation's measured seconds per step, validation included). An upper bound
+    when the run may end early (a plateau scheduler's or early stopping's end). Takes
+    :class:`~pytorch_lightning.callbacks.RichProgressBar`'s arguments.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start: tuple[float, int] | None = None  # (monotonic time, global step) when training started
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start = (time.monotonic(), trainer.global_step)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if self._start is not None and trainer.state.fn == "fit":
+            started, first = self._start
+            eta = run_eta(
+                time.monotonic() - started,
+                trainer.global_step - first,
+                float(trainer.estimated_stepping_batches) - trainer.global_step,
+            )
+            items["run ETA"] = "-:--:--" if eta is None else str(timedelta(seconds=round(eta)))
+        return items

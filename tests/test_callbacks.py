@@ -1,5 +1,6 @@
-"""LearningCurves, ActivationStats, TestPredictions, DivergenceGuard, EMA, Lookahead: histories, figures, W&B,
-init-study numbers, the confusion matrix, divergence, weight averages against hand-computed ones."""
+"""LearningCurves, ActivationStats, AugmentationGrid, ModelSummary, ProgressBar, TestPredictions,
+DivergenceGuard, EMA, Lookahead: histories, figures and their titles, W&B, init-study numbers, FLOPs, the
+run's ETA, the confusion matrix, divergence, weight averages against hand-computed ones."""
 
 from __future__ import annotations
 
@@ -13,17 +14,55 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from cvarch.callbacks import EMA, DivergenceError, DivergenceGuard, LearningCurves, Lookahead
+import cvarch.callbacks
+from cvarch.callbacks import (
+    EMA,
+    ActivationStats,
+    AugmentationGrid,
+    DivergenceError,
+    DivergenceGuard,
+    LearningCurves,
+    Lookahead,
+    ModelSummary,
+    ProgressBar,
+    run_eta,
+    summarize_model,
+)
 from tests import wandb_log
 
 
-def test_history_is_saved_as_json_and_png(tmp_path):
+@pytest.fixture
+def saved(monkeypatch):
+    """The figures the callbacks save, as ``[(figure, title, path)]``; they are still written."""
+    figures = []
+    real = cvarch.callbacks.save
+
+    def record(fig, path, title="", dpi=120):
+        figures.append((fig, title, path))
+        return real(fig, path, title=title, dpi=dpi)
+
+    monkeypatch.setattr(cvarch.callbacks, "save", record)
+    return figures
+
+
+def test_history_is_saved_as_json_and_png_titled_labelled_on_whole_epochs(tmp_path, saved):
     cb = LearningCurves(str(tmp_path))
+    cb.title = "resnet20 on digits · optimizer.lr=0.05"
     for epoch in range(3):
         cb._upsert({"epoch": epoch, "val/loss": 1.0 / (epoch + 1), "val/acc": 0.5 + 0.1 * epoch})
         cb._upsert({"epoch": epoch, "train/loss": 2.0 / (epoch + 1), "train/acc": 0.4 + 0.1 * epoch})
     path = cb.save()
-    assert matplotlib.image.imread(path).shape[:2] == (400, 1000)
+    assert matplotlib.image.imread(path).shape[:2] == (400, 1100)  # 11 × 4 inches at 100 dpi
+    ((fig, title, _),) = saved
+    assert title == "resnet20 on digits · optimizer.lr=0.05"
+    loss, acc = fig.axes
+    assert [ax.get_ylabel() for ax in (loss, acc)] == ["cross-entropy", "accuracy (fraction)"]
+    assert [ax.get_xlabel() for ax in (loss, acc)] == ["epoch", "epoch"]
+    assert loss.xaxis.get_major_locator()._integer  # MaxNLocator(integer=True): no 1.5 epochs
+    assert list(loss.lines[0].get_xdata()) == [1, 2, 3]  # epochs counted from 1
+    legend = loss.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["train/loss", "val/loss"]
+    assert legend.get_bbox_to_anchor().x0 > loss.get_window_extent().x1 - 1  # beside the data, not over it
     rows = json.loads((tmp_path / "history.json").read_text())
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[2]["train/loss"] == 2.0 / 3 and rows[2]["val/acc"] == 0.7
@@ -248,3 +287,149 @@ def test_testing_a_checkpoint_after_the_fit_evaluates_the_averaged_weights(tmp_p
     trainer.test(module, ckpt_path=checkpoint.best_model_path, verbose=False)
     for key, value in averaged.items():
         assert torch.equal(module.state_dict()[key], value), key
+
+
+def test_init_study_figure_counts_every_value_and_names_the_init_and_activation(compose_tmp, saved):
+    """He init + ReLU: with the old fixed range (-1, 1) about 23% of the values fell outside the histograms
+    and went uncounted; the shared data range counts all of them. The title names the run, the init and the
+    activation; std starts at 0 and the mean spans ±max std, so a flat curve looks flat; the weight gradient
+    norms are drawn."""
+    import cvarch
+
+    overrides = ("experiment=init_study", "init=kaiming", "model.act_layer=relu", "logger=none")
+    metrics = cvarch.train(compose_tmp(*overrides))
+    record = json.loads((Path(metrics["output_dir"]) / "activation_stats.json").read_text())[0]
+    assert len(record["layers"]) == 10
+    for layer in record["layers"]:
+        assert sum(layer["hist"]) / (1000 * 500) == 1.0  # 1000 samples × 500 units, every value counted
+        assert layer["outside"] == 0.0 and layer["type"] == "ReLU"
+        assert layer["range"] == record["layers"][0]["range"]  # one range for all layers
+    low, high = record["layers"][0]["range"]
+    assert low == 0.0 and high > 5.0  # ReLU's output: [0, max]; the old range stopped at 1
+    fig, title, path = next(s for s in saved if s[2].name == "activation_stats.png")
+    assert title.splitlines() == [
+        "mlp on gaussian · experiment=init_study init=kaiming model.act_layer=relu",
+        "init: kaiming · activation: ReLU · step 0",
+    ]
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert panels["layer std"].get_ylim()[0] == 0.0
+    stds = [layer["std"] for layer in record["layers"]]
+    assert panels["layer mean"].get_ylim() == pytest.approx((-1.1 * max(stds), 1.1 * max(stds)))
+    norms = panels["weight gradient norm"].lines[0].get_ydata()
+    assert list(norms) == record["grad_norms"] and len(norms) == 11  # 10 hidden layers + the classifier
+    assert norms[0] == pytest.approx(0.714, abs=0.005)  # the README's He/ReLU layer-1 gradient norm
+    assert matplotlib.image.imread(path).shape[0] > 0
+
+
+def test_a_stated_histogram_range_records_and_shows_what_it_clips(tmp_path, saved):
+    stats = ActivationStats(str(tmp_path), hist_range=[-1.0, 1.0], bins=4)
+    values = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
+    layers = stats.layer_stats([("hidden.0.act", "Tanh", values), ("hidden.1.act", "Tanh", values / 4)])
+    assert [layer["outside"] for layer in layers] == pytest.approx([0.4, 0.0])
+    assert [sum(layer["hist"]) for layer in layers] == [3, 5]
+    stats.records = [{"step": 0, "layers": layers, "grad_norms": [1e-7, 1e-2, 1.0]}]
+    stats.init, stats.title = "normal (std 0.01)", "mlp on gaussian"
+    stats.save()
+    ((fig, title, _),) = saved
+    assert title == "mlp on gaussian\ninit: normal (std 0.01) · activation: Tanh · step 0"
+    assert "40% outside" in " ".join(ax.get_title() for ax in fig.axes)
+    grads = next(ax for ax in fig.axes if ax.get_title() == "weight gradient norm")
+    assert grads.get_yscale() == "log"  # seven orders of magnitude: vanishing gradients show
+    with pytest.raises(ValueError, match="hist_range"):
+        ActivationStats(str(tmp_path), hist_range=[1.0, -1.0])
+
+
+def test_the_init_is_named_from_hydra_and_its_std(compose_tmp):
+    from cvarch.callbacks import _init_name
+
+    compose_tmp("experiment=init_study")  # Hydra's choices: init=normal
+    module = SimpleNamespace(hparams={"init": {"_target_": "cvarch.init.Normal", "std": 0.01}})
+    assert _init_name(module) == "normal (std 0.01)"
+
+
+def test_augmentation_grid_is_enlarged_labelled_and_titled(tmp_path, saved):
+    grid = AugmentationGrid(str(tmp_path), num_images=10, nrow=4)
+    classes = ["cat", "dog", "fox"]
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=SimpleNamespace(classes=classes))
+    module = SimpleNamespace(augment=SimpleNamespace(ops={"crop": None, "flip": None}), model=nn.Identity())
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)  # 8×8 digits: ×12 → 96-pixel tiles
+    labels = torch.arange(16) % 3
+    grid.on_train_batch_start(trainer, module, (images, labels), 0)
+    ((fig, title, path),) = saved
+    # 3 rows of 4 tiles of 96 + 2 pixels and the 2-pixel border, under the title's band: 18 pixels a line
+    band = 18 * len(title.splitlines()) + 14
+    assert matplotlib.image.imread(path).shape[:2] == (3 * 98 + 2 + band, 4 * 98 + 2)
+    assert max(len(line) for line in title.splitlines()) <= 49  # wrapped to the grid's 394 pixels
+    assert title.endswith("first training batch, augment: crop, flip")
+    assert [t.get_text() for t in fig.axes[0].texts] == [classes[k] for k in labels[:10].tolist()]
+    soft = torch.tensor([[0.3, 0.7, 0.0], [1.0, 0.0, 0.0]])  # mixup: the dominant class and its weight
+    AugmentationGrid(str(tmp_path)).save(images[:2], soft, classes)
+    assert [t.get_text() for t in saved[-1][0].axes[0].texts] == ["dog 70%", "cat 100%"]
+
+
+def test_debug_augment_grid_saves_the_grid_after_one_step_and_nothing_else(compose_tmp):
+    import cvarch
+
+    metrics = cvarch.train(compose_tmp("debug=augment_grid", "augment=cifar"))
+    out = Path(metrics["output_dir"])
+    assert (out / "augment_grid.png").is_file()
+    assert not (out / "checkpoints").exists() and not (out / "learning_curves.png").exists()
+    assert not list(out.glob("wandb")) and metrics["best_ckpt"] is None
+    assert matplotlib.image.imread(out / "augment_grid.png").shape[1] >= 8 * 64  # 8 images a row, ≥ 64 px
+
+
+def test_model_summary_lists_the_models_layers_with_2x_count_macs_flops(monkeypatch):
+    """ResNet-20 on 8×8 digits: the model's children, no metric modules, and FlopCounterMode's total, twice
+    count_macs, with or without the module's example_input_array."""
+    import cvarch
+    from cvarch.cost import count_macs
+    from cvarch.module import ClassificationModule
+
+    model = cvarch.build_model("model=resnet20")
+    macs = count_macs(model, torch.zeros(1, 1, 8, 8))
+    assert macs > 0
+    rows, flops = summarize_model(model, (1, 8, 8))
+    assert flops == 2 * macs
+    assert [row["name"] for row in rows] == [name for name, _ in model.named_children()]
+    assert sum(row["flops"] for row in rows) == flops  # every FLOP is inside a listed layer
+    assert sum(row["params"] for row in rows) == sum(p.numel() for p in model.parameters())
+
+    printed = []
+    monkeypatch.setattr(ModelSummary, "summarize", staticmethod(lambda *a, **kw: printed.append((a, kw))))
+    module = ClassificationModule(model, num_classes=10, optimizer=torch.optim.SGD)
+    digits = SimpleNamespace(is_global_zero=True, datamodule=SimpleNamespace(image_shape=(1, 8, 8)))
+    ModelSummary(max_depth=1).on_fit_start(digits, module)  # the shape from the datamodule
+    module.example_input_array = torch.zeros(1, 1, 8, 8)
+    ModelSummary(max_depth=1).on_fit_start(SimpleNamespace(is_global_zero=True), module)  # from the module
+    for (data, total, trainable, _size, modes), kwargs in printed:
+        columns = dict(data)
+        assert kwargs["total_flops"] == 2 * macs
+        assert columns["Name"] == [row["name"] for row in rows] and "train_acc" not in columns["Name"]
+        assert total == trainable == sum(p.numel() for p in model.parameters())
+        assert columns["Out sizes"][-1] == "[1, 10]"
+        assert sum(modes.values()) == len(list(model.modules())) - 1
+    assert len(printed) == 2
+
+
+def test_run_eta_is_steps_left_at_the_measured_pace():
+    assert run_eta(10.0, 5, 20) == 40.0  # 2 s a step, 20 steps to go
+    assert run_eta(10.0, 5, 0) == 0.0
+    assert run_eta(10.0, 0, 20) is None  # no step measured yet
+    assert run_eta(10.0, 5, float("inf")) is None  # no limit on the run
+
+
+def test_progress_bar_shows_the_runs_eta(tmp_path):
+    bar = ProgressBar()
+    shown = []
+
+    class Peek(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            shown.append(bar.get_metrics(trainer, pl_module)["run ETA"])
+
+    trainer = pl.Trainer(
+        max_steps=3, callbacks=[bar, Peek()], logger=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(_Regression())
+    assert len(shown) == 3 and shown[-1] == "0:00:00"  # the last step: nothing left
+    assert all(eta.count(":") == 2 for eta in shown)  # h:mm:ss
