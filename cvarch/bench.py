@@ -34,14 +34,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
-
-from cvarch.config import CONFIG_PATH
 
 # the issue's targets, measured on the 2-core CPU development machine
 TARGETS = {"loader": 20.0, "step": 0.97, "epoch": 0.95, "startup": 8.0}
@@ -305,9 +302,8 @@ def startup_seconds(overrides: Sequence[str], out: Path) -> float:
     times = out / "times.json"
     times.unlink(missing_ok=True)
     start = time.time()
-    subprocess.run(
-        [sys.executable, "-m", "cvarch.train", *overrides], check=True, capture_output=True, env=_child_env()
-    )
+    command = [sys.executable, "-m", "cvarch", "train", *overrides]
+    subprocess.run(command, check=True, capture_output=True, env=_child_env())
     return json.loads(times.read_text())["batches"][0] - start
 
 
@@ -315,7 +311,7 @@ def import_seconds(overrides: Sequence[str]) -> tuple[float, list[tuple[str, flo
     """Seconds a ``cvarch-train`` start spends importing (``-X importtime``, top-level imports summed), and
     the five slowest top-level imports."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "cvarch.train", *overrides],
+        [sys.executable, "-X", "importtime", "-m", "cvarch", "train", *overrides],
         check=True,
         capture_output=True,
         text=True,
@@ -507,14 +503,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
-def main(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     """``cvarch-bench [quick=true] [only=[loader,step,epoch,startup]] [out=bench.json]``, a developer tool."""
     # The benchmark composes its cvarch-train runs with cvarch.compose, which initializes Hydra itself; Hydra
     # allows one initialization per process, and this app's is not needed once its own config is composed.
     GlobalHydra.instance().clear()
     run(cfg)
 
-
-if __name__ == "__main__":
-    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from torch import nn
 from cvarch.augment import Augment
 from cvarch.config import model_parts, optimizer_parts, scheduler_parts
 from cvarch.data import ImageDataModule
+from cvarch.extras import choices
 from cvarch.models import check_input_size, meta_forward
 from cvarch.module import ClassificationModule
 from cvarch.optimizer import matches
@@ -88,7 +90,30 @@ def build_model(
         model = init(model, batch=batch) if batch is not None else init(model)
     transfer = transfer if transfer is not None else build_transfer(cfg)
     model = transfer(model, cfg.model, image_shape=image_shape, load=initialize)
+    if initialize and cfg.get("init_from"):
+        load_initial_weights(model, cfg.init_from)
     return fast_path(model, **model_parts(cfg.model)[1])
+
+
+def load_initial_weights(model: nn.Module, path: str) -> None:
+    """``init_from``: the model starts from the weights of a checkpoint, nothing else (timm's
+    ``--initial-checkpoint``): no optimizer state, epoch, preprocess or config is taken, so the run is a fresh
+    run of its own config. A ``cvarch-train`` checkpoint or a plain state dict; loaded strictly.
+
+    Raises:
+        ValueError: naming ``init_from``, the file and the first layers that do not fit.
+    """
+    from cvarch.checkpoint import state_differences
+    from cvarch.sources import load_file
+
+    state = load_file(Path(path).expanduser(), key="init_from").state  # weights only, never its config
+    problems = state_differences(model.state_dict(), state)
+    if problems:
+        raise ValueError(
+            f"init_from: {path} does not fit this run's model ({len(problems)} layers differ: "
+            f"{'; '.join(problems[:4])}{' …' if len(problems) > 4 else ''}); pass the model= it had"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def instantiate_model(node: DictConfig | Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
@@ -332,8 +357,19 @@ def _started(logger: Any, cfg: DictConfig) -> Any:
     returns a CSV logger in the run directory instead, so no metric is lost."""
     if type(logger).__name__ != "WandbLogger":
         return logger
+    # W&B stages the files of logged tables and plots under its data dir (~/.local/share/wandb by default) and
+    # syncs them from there: keep them inside the run folder, so a copied run folder syncs whole
+    os.environ["WANDB_DATA_DIR"] = str(Path(cfg.paths.output_dir, "wandb").absolute())
+    if (cfg.logger.wandb.get("settings") or {}).get(
+        "silent"
+    ):  # W&B reads it at setup, not from init's settings
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        wandb.setup()  # now: wandb.init warns about the logger's `anonymous` argument before its own setup
     try:
         logger.experiment  # noqa: B018 — the property runs wandb.init
+        logger.experiment.config.update({"choices": choices()}, allow_val_change=True)
     except Exception as err:
         warnings.warn(
             f"W&B could not start ({type(err).__name__}: {str(err)[:200]}); logging to CSV in "

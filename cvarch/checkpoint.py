@@ -12,7 +12,7 @@ import os
 import pickle
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -415,7 +415,18 @@ def check_fits(module: torch.nn.Module, ckpt: dict[str, Any], path: str, num_cla
     if not isinstance(theirs, dict):
         raise ValueError(f"ckpt_path: {path} is not a Lightning checkpoint (it has no state_dict)")
     check_classes(ckpt, path, num_classes)
-    own = module.state_dict()
+    problems = state_differences(module.state_dict(), theirs)
+    if problems:
+        raise ValueError(
+            f"ckpt_path: {path} does not fit this run's model ({len(problems)} layers differ: "
+            f"{'; '.join(problems[:4])}{' …' if len(problems) > 4 else ''}); resume with the config it was "
+            "trained with (its run directory's config.yaml)"
+        )
+
+
+def state_differences(own: Mapping[str, torch.Tensor], theirs: Mapping[str, Any]) -> list[str]:
+    """What keeps ``theirs`` (a checkpoint's state dict) from loading strictly into a model whose state dict
+    is ``own``: the tensors of another shape, then the layers missing on either side, one line each."""
     wrong = [
         f"{k} is {list(theirs[k].shape)} in the checkpoint, {list(v.shape)} here"
         for k, v in own.items()
@@ -423,14 +434,9 @@ def check_fits(module: torch.nn.Module, ckpt: dict[str, Any], path: str, num_cla
     ]
     missing = _layers(k for k in own if k not in theirs)
     unexpected = _layers(k for k in theirs if k not in own)
-    problems = wrong + [f"{m} missing from the checkpoint" for m in missing]
-    problems += [f"{m} not in this model" for m in unexpected]
-    if problems:
-        raise ValueError(
-            f"ckpt_path: {path} does not fit this run's model ({len(problems)} layers differ: "
-            f"{'; '.join(problems[:4])}{' …' if len(problems) > 4 else ''}); resume with the config it was "
-            "trained with (its run directory's config.yaml)"
-        )
+    return [*wrong, *(f"{m} missing from the checkpoint" for m in missing)] + [
+        f"{m} not in this model" for m in unexpected
+    ]
 
 
 def _layers(keys: Any) -> list[str]:

@@ -16,14 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cvarch.build import build_datamodule, build_from_checkpoint
 from cvarch.checkpoint import check_classes, load_trained
-from cvarch.config import CONFIG_PATH, check_received, plain_config_errors
+from cvarch.config import check_received, plain_config_errors
 from cvarch.data import SPLITS
 from cvarch.runs import list_jobs, read_job
 
@@ -222,13 +221,9 @@ class EnsembleCallback(Callback):
         print(sweep_dir)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="ensemble")
-def main(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     """``cvarch-ensemble runs=…``; the last line printed is the output directory (with ensemble.json)."""
     with plain_config_errors("cvarch-ensemble"):
         report = run(cfg)
     print(report["output_dir"])
 
-
-if __name__ == "__main__":
-    main()

@@ -6,12 +6,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cvarch.build import build_datamodule, build_from_checkpoint, instantiate
 from cvarch.checkpoint import check_classes, load_trained, write_metrics
-from cvarch.config import CONFIG_PATH, plain_config_errors
+from cvarch.config import plain_config_errors
 from cvarch.data import SPLITS
 
 
@@ -52,13 +51,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
-def main(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     """``cvarch-eval ckpt_path=…``; the last line printed is the run directory."""
     with plain_config_errors("cvarch-eval"):
         metrics = evaluate(cfg)
     print(metrics["output_dir"])
 
-
-if __name__ == "__main__":
-    main()

@@ -6,14 +6,13 @@ whose module docstring states the rules; this module builds the model of a confi
 
 from __future__ import annotations
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
 from cvarch.build import build_model
-from cvarch.config import CONFIG_PATH, plain_config_errors, validate
+from cvarch.config import plain_config_errors, validate
 from cvarch.cost import MB, Profile, profile_model, write_profile
 from cvarch.models import native_size
 
@@ -92,13 +91,9 @@ def run(cfg: DictConfig) -> Profile:
     return prof
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="profile")
-def main(cfg: DictConfig) -> None:
+def cli(cfg: DictConfig) -> None:
     """``cvarch-profile model=…``; prints the table, then the run directory as the last line."""
     with plain_config_errors("cvarch-profile"):
         run(cfg)
     print(cfg.paths.output_dir)
 
-
-if __name__ == "__main__":
-    main()

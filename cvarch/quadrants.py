@@ -8,7 +8,7 @@ The lecture's advice, one ``transfer`` option per cell (Yosinski et al. 2014; Ra
 | quite a lot of data  | ``finetune_top``     | ``finetune_all``       |
 
 :class:`QuadrantsCallback` trains the source once into the sweep folder before the first job, and writes the
-report when the multirun ends; ``python -m cvarch.quadrants sweep_dir=<sweep dir> readme=README.md`` rewrites
+report when the multirun ends; ``python -m cvarch quadrants sweep_dir=<sweep dir> readme=README.md`` rewrites
 it from a finished (or partial) sweep, and puts its table into the README.
 """
 
@@ -25,11 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cvarch.config import CONFIG_PATH
 from cvarch.runs import list_jobs, read_job
 from cvarch.transfer import STRATEGIES
 
@@ -219,7 +217,7 @@ class QuadrantsCallback(Callback):
         if target.is_file():
             return
         run_dir = sweep_dir / "source"
-        command = [sys.executable, "-m", "cvarch.train", *self.source, f"hydra.run.dir={run_dir}"]
+        command = [sys.executable, "-m", "cvarch", "train", *self.source, f"hydra.run.dir={run_dir}"]
         print("training the transfer source:", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True)
         best = read_job(run_dir).best_checkpoint()
@@ -255,7 +253,7 @@ def write_readme(table: str, readme: str | Path) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """``python -m cvarch.quadrants`` as a function: (re)writes the report of the quadrant sweep
+    """``python -m cvarch quadrants`` as a function: (re)writes the report of the quadrant sweep
     ``cfg.sweep_dir`` (:func:`report`), puts its table into ``cfg.readme``'s quadrants block when one is
     named, and prints the table.
 
@@ -271,12 +269,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="quadrants")
-def main(cfg: DictConfig) -> None:
-    """``python -m cvarch.quadrants sweep_dir=… [readme=README.md]``; prints the sweep folder last."""
+def cli(cfg: DictConfig) -> None:
+    """``python -m cvarch quadrants sweep_dir=… [readme=README.md]``; prints the sweep folder last."""
     run(cfg)
     print(cfg.sweep_dir)
 
-
-if __name__ == "__main__":
-    main()

@@ -53,7 +53,7 @@ def load_source(source: str, arch: str | None = None, download: bool = True) -> 
     """
     path = Path(source).expanduser()
     if path.is_file():
-        return _load_file(path)
+        return load_file(path)
     if re.fullmatch(r"([A-Za-z0-9]+_Weights\.)?[A-Z0-9_]+", source):
         return _load_torchvision(source, arch, download)
     raise FileNotFoundError(
@@ -61,12 +61,11 @@ def load_source(source: str, arch: str | None = None, download: bool = True) -> 
     )
 
 
-def _load_file(path: Path) -> Source:
-    blob = load_checkpoint_file(path, key="transfer.source")
+def load_file(path: Path, key: str = "transfer.source") -> Source:
+    """A cvarch checkpoint or a state-dict file as a :class:`Source` (``key`` names the option in errors)."""
+    blob = load_checkpoint_file(path, key=key)
     if not isinstance(blob, dict):
-        raise ValueError(
-            f"transfer.source: {path} holds a {type(blob).__name__}, not a checkpoint or state dict"
-        )
+        raise ValueError(f"{key}: {path} holds a {type(blob).__name__}, not a checkpoint or state dict")
     if "state_dict" in blob and "model" in blob.get("hyper_parameters", {}):  # written by cvarch-train
         run_cfg = OmegaConf.create(blob["hyper_parameters"])
         state = blob["state_dict"]
@@ -82,7 +81,7 @@ def _load_file(path: Path) -> Source:
         )
     state = blob.get("state_dict", blob)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"transfer.source: {path} is not a state dict (name → tensor)")
+        raise ValueError(f"{key}: {path} is not a state dict (name → tensor)")
     return Source(state=dict(state), name=str(path))
 
 

@@ -1,4 +1,4 @@
-"""``cvarch-train``: one training job, as a plain function :func:`train` wrapped by a thin ``@hydra.main``."""
+"""``cvarch-train``: one training job as a plain function, :func:`train`; :func:`cli` runs it for Hydra."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from cvarch import extras
 from cvarch.build import (
     build_inputs,
     build_model,
@@ -39,7 +39,7 @@ from cvarch.checkpoint import (
     unwritable,
     write_metrics,
 )
-from cvarch.config import CONFIG_PATH, ConfigError, plain_config_errors, validate
+from cvarch.config import ConfigError, plain_config_errors, validate
 from cvarch.cost import count_macs
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,10 @@ def finish_loggers(trainer: pl.Trainer) -> None:
         import wandb  # the logger's run is wandb.run; `logger.experiment` would start one if none had started
 
         if wandb.run is not None:
+            offline, sync_dir = wandb.run.settings.mode in ("offline", "dryrun"), wandb.run.settings.sync_dir
             wandb.run.finish()
+            if offline:  # quiet W&B prints nothing: say how the run reaches the W&B server
+                log.info("W&B run saved offline; upload it with: wandb sync %s", sync_dir)
 
 
 def job_threads(cfg: DictConfig) -> int | None:
@@ -205,6 +208,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The metrics written to ``metrics.json``.
     """
     start = time.perf_counter()
+    extras.apply(cfg)
     configure(cfg)
     transfer = build_transfer(cfg)
     source_preprocess = transfer.adopt(cfg)  # a cvarch source brings its model and preprocess into the config
@@ -251,7 +255,7 @@ def run(
     start_loggers(trainer, cfg)
     try:
         log_summary(trainer, cost)
-        results = fit_and_test(trainer, module, datamodule, ckpt_path)
+        results = fit_and_test(trainer, module, datamodule, ckpt_path, fit=cfg.train, test=cfg.test)
     except SIGTERMException:  # Lightning stopped at the step after the signal: exit as preempted, not 0
         raise SystemExit(preempted(cfg, trainer)) from None
     finally:
@@ -324,16 +328,31 @@ def make_run_dir(cfg: DictConfig, trainer: pl.Trainer) -> Path:
 
 
 def fit_and_test(
-    trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, ckpt_path: str | None
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: Any,
+    ckpt_path: str | None,
+    fit: bool = True,
+    test: bool = True,
 ) -> dict[str, Any]:
     """Fits (from ``ckpt_path`` if given), then validates and tests the best checkpoint (the last weights when
-    no checkpoint was kept); returns ``train/loss``, the val and test metrics and ``best_ckpt``."""
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if ckpt_path and trainer.is_global_zero:  # a killed invocation may have left a best file nobody keeps
-        remove_orphans(trainer.checkpoint_callbacks)
-    callback = trainer.checkpoint_callback
-    best = (callback.best_model_path if isinstance(callback, ModelCheckpoint) else "") or None
+    no checkpoint was kept); returns ``train/loss``, the val and test metrics and ``best_ckpt``.
+
+    Args:
+        fit: ``train=false`` skips fitting: the weights of ``ckpt_path`` (else the model as built, e.g. from
+            ``init_from``) are validated and tested.
+        test: ``test=false`` stops after fitting: no validation or test metrics.
+    """
+    best = ckpt_path if not fit else None
+    if fit:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if ckpt_path and trainer.is_global_zero:  # a killed invocation may have left a best file nobody keeps
+            remove_orphans(trainer.checkpoint_callbacks)
+        callback = trainer.checkpoint_callback
+        best = (callback.best_model_path if isinstance(callback, ModelCheckpoint) else "") or None
     train_loss = trainer.callback_metrics.get("train/loss")
+    if not test:
+        return {"train/loss": float(train_loss) if train_loss is not None else None, "best_ckpt": best}
     # no validation split (data.val_fraction=0): validate returns no results, and the last weights are tested
     val = next(iter(trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)), {})
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=True)[0]
@@ -344,14 +363,10 @@ def fit_and_test(
     }
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def main(cfg: DictConfig) -> float:
-    """``cvarch-train [overrides]``; the last line printed is the run directory."""
-    with plain_config_errors("cvarch-train"):
+def cli(cfg: DictConfig) -> float:
+    """``cvarch-train [overrides]``; the last line printed is the run directory. A job that fails leaves its
+    traceback in its train.log (the console gets Hydra's report, or the one-line config error)."""
+    with plain_config_errors("cvarch-train"), extras.logged_failure(log):
         metrics = train(cfg)
     print(metrics["output_dir"])
     return metrics.get(cfg.optimized_metric)  # what a Hydra sweeper (hparams_search) optimizes
-
-
-if __name__ == "__main__":
-    main()

@@ -63,14 +63,15 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
-CONSOLE_SCRIPTS = {  # console script -> module whose ``main`` it runs (pyproject.toml [project.scripts])
-    "cvarch-train": "cvarch.train",
-    "cvarch-eval": "cvarch.eval",
-    "cvarch-ensemble": "cvarch.ensemble",
-    "cvarch-report": "cvarch.report",
-    "cvarch-profile": "cvarch.profile",
-    "cvarch-compare": "cvarch.compare",
-    "cvarch-bench": "cvarch.bench",
+CONSOLE_SCRIPTS = {  # console script -> its function in cvarch.cli (pyproject.toml [project.scripts])
+    "cvarch-train": "train",
+    "cvarch-eval": "evaluate",
+    "cvarch-ensemble": "ensemble",
+    "cvarch-report": "report",
+    "cvarch-profile": "profile",
+    "cvarch-compare": "compare",
+    "cvarch-bench": "bench",
+    "python -m cvarch quadrants": "quadrants",
 }
 
 
@@ -84,9 +85,7 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 
     from hydra.core.hydra_config import HydraConfig
 
-    main = importlib.import_module(
-        CONSOLE_SCRIPTS.get(args[0], args[0])
-    ).main  # a script or `python -m` module
+    main = getattr(importlib.import_module("cvarch.cli"), CONSOLE_SCRIPTS[args[0]])
     out, err, code = io.StringIO(), io.StringIO(), 0
     argv, root_handlers = sys.argv, list(logging.getLogger().handlers)
     sys.argv = [args[0], *args[1:]]

@@ -659,3 +659,94 @@ def test_a_run_without_validation_tests_its_last_weights(compose_tmp):
     )
     assert "val/acc" not in metrics and 0.0 <= metrics["test/acc"] <= 1.0
     assert metrics["best_ckpt"] is None or metrics["best_ckpt"].endswith("last.ckpt")
+
+
+def _options(group: str) -> list[str]:
+    from cvarch.config import CONFIG_DIR
+
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+# one optimizer step and one validation batch: no test, checkpoints, plots or console output
+ONE_STEP = (*(o.replace("+trainer", "++trainer") for o in TINY), "logger=none", "++trainer.max_steps=1", "test=false",
+            "callbacks=default", "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
+            "callbacks.learning_curves=null", "callbacks.test_predictions=null", "callbacks.progress_bar=null",
+            "callbacks.model_summary=null", "++trainer.enable_progress_bar=false",
+            "++trainer.enable_model_summary=false")  # fmt: skip
+
+
+@pytest.mark.parametrize("debug", _options("debug"))
+@pytest.mark.parametrize("scheduler", _options("scheduler"))
+def test_every_debug_option_composes_with_every_scheduler_and_optimizer(debug, scheduler, compose_tmp):
+    """debug=overfit set scheduler.patience, which only the plateau scheduler has: `debug=overfit
+    scheduler=cosine` failed to build. Each debug option × scheduler × optimizer takes one optimizer step."""
+    for optimizer in _options("optimizer"):
+        cfg = compose_tmp(*ONE_STEP, f"debug={debug}", f"scheduler={scheduler}", f"optimizer={optimizer}")
+        assert cfg.scheduler.get("_target_") == compose_tmp(f"scheduler={scheduler}").scheduler.get(
+            "_target_"
+        )
+        metrics = cvarch.train(cfg)
+        assert math.isfinite(metrics["train/loss"]), (debug, scheduler, optimizer)
+
+
+def test_debug_overfit_keeps_the_learning_rate_fixed(compose_tmp):
+    assert not compose_tmp("debug=overfit").scheduler  # scheduler=none: the plateau default is dropped
+
+
+def test_train_false_tests_the_init_from_weights_and_test_false_only_fits(tiny_run, compose_tmp):
+    best = next((tiny_run / "checkpoints").glob("epoch*.ckpt"))
+    tiny = [o for o in TINY if "limit" not in o]
+    fitted = json.loads((tiny_run / "metrics.json").read_text())
+    tested = cvarch.train(compose_tmp(*tiny, "logger=none", "train=false", f"init_from={best}"))
+    assert tested["epochs"] == 0 and tested["best_ckpt"] is None
+    assert tested["test/acc"] == pytest.approx(fitted["test/acc"])  # the same weights, the same test split
+    fit_only = cvarch.train(compose_tmp(*tiny, "logger=none", "test=false"))
+    assert fit_only["epochs"] == 1 and "test/acc" not in fit_only and "val/acc" not in fit_only
+
+
+def test_init_from_loads_the_weights_only_and_refuses_another_model(tiny_run, compose_tmp, tmp_path):
+    from cvarch.build import build_model
+
+    best = next((tiny_run / "checkpoints").glob("epoch*.ckpt"))
+    state = torch.load(best, weights_only=True)["state_dict"]
+    model = build_model(compose_tmp(*TINY, f"init_from={best}"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[f"model.{key}"]), key
+    raw = tmp_path / "raw.pt"  # a plain state dict (torchvision's and timm's files) loads too
+    torch.save({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}, raw)
+    assert torch.equal(build_model(compose_tmp(*TINY, f"init_from={raw}")).state_dict()["fc.weight"],
+                       state["model.fc.weight"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"init_from: .* does not fit this run's model .*layers differ"):
+        build_model(compose_tmp(*TINY, "model.width=32", f"init_from={best}"))
+    with pytest.raises(FileNotFoundError, match="init_from: no checkpoint at"):
+        build_model(compose_tmp(*TINY, f"init_from={tmp_path / 'missing.ckpt'}"))
+
+
+def test_a_failed_jobs_train_log_holds_its_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_main(
+        "cvarch-train", *TINY, "data=imagefolder", f"data.root={tmp_path / 'missing'}",
+        f"hydra.run.dir={run_dir}", *tmp_overrides(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    log = (run_dir / "train.log").read_text()
+    assert "the job failed: FileNotFoundError" in log and "Traceback (most recent call last)" in log
+    assert str(tmp_path / "missing") in log
+    assert "Traceback" not in proc.stdout  # the console shows Hydra's report once, not the logged copy
+
+
+@pytest.mark.slow
+def test_the_default_run_prints_little_and_logs_everything(default_run):
+    """A default run's console: the model summary, the progress bar, the test table, the W&B sync line, the
+    run folder. Library INFO lines and known-benign warnings go to train.log (or nowhere), not the console."""
+    proc, out = default_run["proc"], default_run["output_dir"]
+    console = (proc.stdout + proc.stderr).splitlines()
+    bar = re.compile(r"^(Epoch \d+/\d+|Validation|Testing|Sanity)|^\s+(val|train)/\w+: |^\s+run ETA|^\s*$")
+    lines = [line for line in console if not bar.search(line)]
+    assert len(lines) <= 40, "\n".join(lines)
+    text = "\n".join(console)
+    for noise in ("LeafSpec", "litlogger", "GPU available", "Restoring states", "wandb: ", "anonymous"):
+        assert noise not in text, noise
+    log = (out / "train.log").read_text()
+    assert "GPU available" in log and "Restoring states" in log and "wandb sync" in log
+    assert f"wandb sync {out}/wandb/offline-run-" in text
