@@ -721,7 +721,7 @@ class ModelSummary(RichModelSummary):
         rows, total_flops = summarize_model(model, _input_shape(trainer, pl_module), self._max_depth)
         if not trainer.is_global_zero:
             return
-        sized = [row for row in rows if row["in_size"] != "?"]
+        sized = [row for row in rows if row["out_size"] != "?"]
         data = [
             (" ", [str(i) for i in range(len(rows))]),
             ("Name", [row["name"] for row in rows]),
@@ -730,11 +730,8 @@ class ModelSummary(RichModelSummary):
             ("Mode", ["train" if row["training"] else "eval" for row in rows]),
             ("FLOPs", [get_human_readable_count(row["flops"]) for row in rows]),
         ]
-        if sized:
-            data += [
-                ("In sizes", [str(r["in_size"]) for r in rows]),
-                ("Out sizes", [str(r["out_size"]) for r in rows]),
-            ]
+        if sized:  # one image's output, C×H×W: one short column, so a row fits an 80-column console
+            data.append(("Output", [_shape_text(r["out_size"]) for r in rows]))
         params = list(model.parameters())
         modes = [m.training for m in model.modules()][1:]
         self.summarize(
@@ -746,6 +743,11 @@ class ModelSummary(RichModelSummary):
             total_flops=total_flops,
             **self._summarize_kwargs,
         )
+
+
+def _shape_text(size: Any) -> str:
+    """``[1, 16, 8, 8]`` → ``16×8×8`` (the batch of one left out); ``?`` stays."""
+    return "×".join(map(str, size[1:])) if isinstance(size, list) else str(size)
 
 
 def _input_shape(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, ...] | None:

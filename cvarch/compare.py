@@ -3,12 +3,15 @@
 Canziani, Paszke & Culurciello 2017, "An Analysis of Deep Neural Network Models for Practical Applications"
 (arXiv:1605.07678): Fig. 2 (top-1 against operations, bubble size ∝ parameters) and Fig. 3 (forward time
 against batch size). :func:`compare` measures, :func:`run` also writes ``compare.csv`` and both plots.
+Each model is built with its native dataset's classes (CIFAR-10's 10 for CIFAR nets, ImageNet's 1000 for the
+others) unless ``num_classes`` is given, and counts the parameters its inference uses.
 """
 
 from __future__ import annotations
 
 import csv
 import gc
+import math
 import statistics
 import sys
 import time
@@ -21,21 +24,29 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure  # no pyplot: Agg canvas, no display, no global backend switch
+from matplotlib.text import Annotation, Text
+from matplotlib.transforms import Bbox
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from cvarch.build import build_all, build_model
-from cvarch.config import CONFIG_PATH, compose
+from cvarch.config import compose
 from cvarch.cost import profile_model
-from cvarch.models import native_size
+from cvarch.models import CIFAR_SIZE, meta_forward, native_size
+from cvarch.plots import figure, legend_beside, save
 from cvarch.runs import find_jobs
 
 CSV_NAME = "compare.csv"
 ACCURACY_PLOT = "accuracy_vs_gmacs.png"
 TIME_PLOT = "forward_time_vs_batch_size.png"
+IMAGENET_CLASSES = 1000
+CIFAR_CLASSES = 10  # CIFAR-10, the dataset every CIFAR net of the zoo reports first (He 2015 Table 6, …)
+MAX_BUBBLE = 2000  # points² of the largest model's bubble; areas are proportional to parameters
 
 
 def resolve_device(device: str) -> torch.device:
@@ -129,10 +140,62 @@ def read_top1(results: str | Path) -> dict[str, float]:
     return {model: statistics.fmean(values) for model, values in accs.items()}
 
 
+def native_num_classes(model_cfg: DictConfig) -> int:
+    """The classes of the dataset a model config was designed for: 10 for a CIFAR net (one whose
+    :func:`native_size` is 32×32, He 2015 §4.2), 1000 (ImageNet) for every other.
+
+    Args:
+        model_cfg: the ``model`` node of a composed config.
+    """
+    return CIFAR_CLASSES if native_size(model_cfg) == CIFAR_SIZE else IMAGENET_CLASSES
+
+
+def inference_params(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Parameters of the modules an eval-mode forward calls: what inference uses and what published counts
+    give. GoogLeNet's auxiliary classifiers (Szegedy 2014 §5, training only) are left out, as in torchvision's
+    6,624,904 for its weights (they load with ``aux_logits=False``).
+
+    Args:
+        model: any ``nn.Module`` taking (N, C, H, W).
+        input_shape: (C, H, W) of one image.
+    """
+    called: set[nn.Module] = set()
+    handles = [m.register_forward_pre_hook(lambda m, args: called.add(m)) for m in model.modules()]
+    try:
+        meta_forward(model, (1, *input_shape))  # shapes only, no FLOP
+    finally:
+        for h in handles:
+            h.remove()
+    used = {id(p): p.numel() for m in called for p in m.parameters(recurse=False)}  # shared ones once
+    return sum(used.values())
+
+
+def describe_results(results: str | Path | None) -> str:
+    """Where the top-1 figures come from, for the accuracy plot's caption.
+
+    A CSV whose ``source`` column names torchvision's ``IMAGENET1K`` weights on every row (as
+    ``scripts/torchvision_imagenet_top1.csv``) is "torchvision's published ImageNet top-1"; another CSV is
+    "published top-1"; a folder is its cvarch-train runs.
+
+    Args:
+        results: what :func:`read_top1` reads, or ``None``.
+    """
+    if not results:
+        return "no top-1 given (results=null)"
+    path = Path(results).expanduser()
+    if path.is_dir():
+        return f"top-1: mean test/acc of the cvarch-train runs in {results}"
+    with path.open(newline="") as f:
+        sources = [(r.get("source") or "").strip() for r in csv.DictReader(f) if (r["top1"] or "").strip()]
+    if sources and all(s.startswith("torchvision") and "IMAGENET1K" in s for s in sources):
+        return f"top-1: torchvision's published ImageNet top-1 of its weights ({results})"
+    return f"top-1: published figures from {results}"
+
+
 def _model_config(*overrides: str) -> DictConfig:
-    """``cvarch.compose`` of the train config; inside ``cvarch-compare``'s own ``@hydra.main``, where Hydra is
-    already initialized on the same conf/ folder and a second initialization is refused, that instance
-    composes."""
+    """``cvarch.compose`` of the train config; inside ``cvarch-compare``'s ``@hydra.main``
+    (:mod:`cvarch.cli`), where Hydra is already initialized on the same conf/ folder and a second
+    initialization is refused, that instance composes."""
     if GlobalHydra.instance().is_initialized():
         return hydra.compose(config_name="train", overrides=list(overrides))
     return compose(*overrides)
@@ -144,7 +207,7 @@ def compare(
     repeats: int = 10,
     warmup: int = 2,
     train_steps: int = 3,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     image_size: int | None = None,
     results: str | Path | None = None,
     device: str = "auto",
@@ -158,13 +221,15 @@ def compare(
         warmup: untimed passes (and training steps) before timing.
         train_steps: timed SGD steps for training images/s, at the largest batch size ≤ 32 (else the
             smallest).
-        num_classes: classifier outputs.
+        num_classes: classifier outputs for every model; ``None`` = each model's
+            :func:`native_num_classes` (10 for CIFAR nets, 1000 for ImageNet nets).
         image_size: square input side for every model; ``None`` = each model's :func:`native_size`.
         results: CSV or run folder for the top-1 column (:func:`read_top1`); ``None`` leaves it empty.
         device: ``auto``, ``cpu``, ``cuda``, ….
 
     Returns:
-        One row per model: ``model``, ``image_size``, ``params``, ``gmacs`` (batch 1), ``activations_mb``
+        One row per model: ``model``, ``image_size``, ``num_classes``, ``params`` (those inference uses:
+        :func:`inference_params`), ``gmacs`` (batch 1), ``activations_mb``
         (fp32, batch 1, 1 MB = 10⁶ bytes), ``forward_ms_bs<b>`` per batch size (median), ``train_batch_size``,
         ``train_images_per_s``, ``top1`` (%, or ``None``) and ``device``.
     """
@@ -182,7 +247,9 @@ def compare(
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     rows = []
     for name in models:
-        cfg = _model_config(f"model={name}", "data.channels=3", f"data.num_classes={num_classes}")
+        cfg = _model_config(f"model={name}", "data.channels=3")
+        classes = num_classes or native_num_classes(cfg.model)
+        cfg.data.num_classes = classes  # the model's num_classes interpolates it
         size = image_size or native_size(cfg.model)
         cfg.data.image_size = size
         torch.manual_seed(0)
@@ -191,7 +258,8 @@ def compare(
         row: dict[str, Any] = {
             "model": name,
             "image_size": size,
-            "params": totals.params,
+            "num_classes": classes,
+            "params": inference_params(model, (3, size, size)),
             "gmacs": totals.flops_counter / 2 / 1e9,  # count_macs's figure (FlopCounterMode), same forward
             "activations_mb": totals.activations_mb,
         }
@@ -221,43 +289,150 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def bubble_key(biggest: float) -> list[float]:
+    """Up to three values of the 1–2.5–5 series for the bubble-size key: the largest ≤ ``biggest``, then each
+    the largest ≤ ¼ of the one before (138M parameters → 100, 25, 5).
+
+    Args:
+        biggest: the largest model's parameters, in millions.
+    """
+    series = sorted(k * 10.0**e for e in range(-3, 5) for k in (1, 2.5, 5))
+    keys: list[float] = []
+    limit = biggest
+    while len(keys) < 3 and any(v <= limit for v in series):
+        keys.append(max(v for v in series if v <= limit))
+        limit = keys[-1] / 4
+    return keys
+
+
+def _place_labels(fig: Figure, labels: Sequence[tuple[Annotation, float]]) -> None:
+    """Moves each label, in order, to the first spot beside its bubble where it stays inside its axes and
+    overlaps no label placed before it and no bubble: to the right, then the left, of the bubble, at 0, ±1,
+    ±2, … label heights above or below it; where every spot touches a bubble, the first that overlaps no
+    label; a label moved up or down gets a leader line to its bubble. Deterministic: the same rows give the
+    same figure.
+
+    The layout is computed once and then frozen, so the labels stay where they were checked.
+
+    Args:
+        fig: the figure.
+        labels: each model's label, annotating its bubble's centre, and the bubble's radius in points.
+    """
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    fig.set_layout_engine("none")  # keep the constrained layout just computed
+    renderer = canvas.get_renderer()
+    bubbles = []
+    for label, radius in labels:
+        x, y = label.axes.transData.transform(label.xy)
+        r = radius * fig.dpi / 72
+        bubbles.append(Bbox.from_extents(x - r, y - r, x + r, y + r))
+    placed: list[Bbox] = []
+    for label, _ in labels:
+        frame = label.axes.get_window_extent(renderer)
+        right = label.xyann[0]
+        step = Text.get_window_extent(label, renderer).height * 72 / fig.dpi + 1  # points
+        fits = []  # (overlaps a bubble, spot) of the spots inside the axes and clear of the labels
+        for k in (0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6):
+            for side in (1, -1):
+                label.set_horizontalalignment("left" if side > 0 else "right")
+                label.xyann = (side * right, k * step)
+                box = Text.get_window_extent(label, renderer)
+                inside = (
+                    frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                )
+                if inside and not any(box.overlaps(other) for other in placed):
+                    fits.append((any(box.overlaps(b) for b in bubbles), side, k * step))
+        side, dy = min(fits, key=lambda f: f[0])[1:] if fits else (1, 0.0)  # min keeps the first of equals
+        label.set_horizontalalignment("left" if side > 0 else "right")
+        label.xyann = (side * right, dy)
+        label.arrow_patch.set_visible(dy != 0)  # a leader line to a label moved above or below its bubble
+        placed.append(Text.get_window_extent(label, renderer))
+
+
+def accuracy_figure(rows: Sequence[Mapping[str, Any]], source: str = "") -> Figure:
     """Canziani 2017 Fig. 2: top-1 (%) against GMACs, bubble area ∝ parameters, one labelled bubble per model.
 
-    Without any top-1, parameters (M) are plotted against GMACs instead, and the title says so.
+    Models without a top-1 are drawn as hollow bubbles on a strip below, at their GMACs, and named in the
+    caption. Without any top-1, parameters (M) are plotted against GMACs instead, and the title says so. The
+    x axis starts at 0, the labels are placed so that none overlaps another (:func:`_place_labels`), the
+    bubble-size key and the caption sit outside the data.
+
+    Args:
+        rows: rows of :func:`compare`.
+        source: where the top-1 figures come from (:func:`describe_results`), for the caption.
     """
     with_acc = [r for r in rows if r.get("top1") is not None]
-    plotted = with_acc or list(rows)
-    ys = [r["top1"] if with_acc else r["params"] / 1e6 for r in plotted]
-    fig = Figure(figsize=(7, 5), dpi=120)
-    ax = fig.subplots()
-    biggest = max(r["params"] for r in plotted) or 1
-    for i, (r, y) in enumerate(zip(plotted, ys, strict=True)):
-        area = 50 + 2000 * r["params"] / biggest
-        ax.scatter(r["gmacs"], y, s=area, alpha=0.5, color=f"C{i % 10}", edgecolors="k", linewidths=0.5)
-        ax.annotate(r["model"], (r["gmacs"], y), ha="center", va="center", fontsize=8)
-    ax.set_xlabel("operations per image [GMACs]")
-    if with_acc:
-        ax.set_ylabel("top-1 accuracy [%]")
-        left_out = len(rows) - len(with_acc)
-        note = f" ({left_out} without top-1 left out)" if left_out else ""
-        ax.set_title(f"Top-1 vs. operations, bubble size ∝ parameters{note}")
+    without = [r for r in rows if r.get("top1") is None] if with_acc else []
+    fig = figure(9, 5.6)
+    if without:
+        ax, strip = fig.subplots(2, 1, sharex=True, height_ratios=[6, 1])
     else:
-        ax.set_ylabel("parameters [M]")
-        ax.set_title("No top-1 given: parameters vs. operations, bubble size ∝ parameters")
+        ax, strip = fig.subplots(), None
+    color = {r["model"]: f"C{i % 10}" for i, r in enumerate(rows)}
+    scale = MAX_BUBBLE / (max(r["params"] for r in rows) or 1)  # points² per parameter
+    labels = []
+
+    def bubble(axes: Axes, r: Mapping[str, Any], y: float, hollow: bool) -> None:
+        area = scale * r["params"]
+        if hollow:
+            axes.scatter(
+                r["gmacs"], y, s=area, facecolors="none", edgecolors=color[r["model"]], linestyles="--"
+            )
+        else:
+            axes.scatter(
+                r["gmacs"], y, s=area, color=color[r["model"]], alpha=0.5, edgecolors="k", linewidths=0.5
+            )
+        offset = math.sqrt(area) / 2 + 2  # points: the bubble's radius and a gap
+        leader = {"arrowstyle": "-", "color": "0.4", "lw": 0.5, "shrinkA": 1, "shrinkB": offset - 2}
+        label = axes.annotate(  # the leader line shows only when the label is moved off its bubble's side
+            r["model"], (r["gmacs"], y), xytext=(offset, 0), textcoords="offset points",
+            ha="left", va="center", fontsize=8, arrowprops=leader,
+        )  # fmt: skip
+        labels.append((label, math.sqrt(area) / 2))
+
+    for r in with_acc or rows:
+        bubble(ax, r, r["top1"] if with_acc else r["params"] / 1e6, hollow=False)
+    ax.set_xlim(0, 1.1 * max(r["gmacs"] for r in rows))  # operations are never negative
+    ax.margins(y=0.12)
     ax.grid(True, alpha=0.3)
-    ax.margins(0.15)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    ax.set_ylabel("top-1 accuracy [%]" if with_acc else "parameters [M]")
+    for size in bubble_key(max(r["params"] for r in rows) / 1e6):
+        ax.scatter([], [], s=scale * size * 1e6, facecolors="0.8", edgecolors="k", linewidths=0.5,
+                   label=f"{size:g}M")  # fmt: skip
+    legend_beside(ax, title="parameters\n(bubble area)", title_fontsize=8, labelspacing=2.5, borderpad=1.2,
+                  handletextpad=1.5)  # fmt: skip
+    if strip is not None:
+        for r in without:
+            bubble(strip, r, 0.5, hollow=True)
+        strip.set_ylim(0, 1)
+        strip.set_yticks([0.5], ["no top-1"], fontsize=8)
+        strip.grid(True, axis="x", alpha=0.3)
+    (strip or ax).set_xlabel("operations per image [GMACs, multiply-accumulates at batch 1]")
+    title = "Top-1 accuracy vs. operations" if with_acc else "No top-1 given: parameters vs. operations"
+    fig.suptitle(f"{title}, bubble area ∝ parameters (Canziani et al. 2017, Fig. 2)", fontsize=10)
+    caption = [source or describe_results(None)]
+    if without:
+        names = ", ".join(r["model"] for r in without)
+        caption.append(f"no top-1 for {names}: hollow bubbles on the strip below")
+    caption.append("parameters: those inference uses (GoogLeNet's auxiliary heads not counted)")
+    fig.supxlabel("\n".join(caption), fontsize=8, x=0.01, ha="left")
+    _place_labels(fig, labels)
+    return fig
 
 
-def plot_forward_time(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Canziani 2017 Fig. 3: forward time per batch (ms, log scale) against batch size, one line per model."""
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | Path, source: str = "") -> Path:
+    """Writes :func:`accuracy_figure` to ``path``."""
+    return save(accuracy_figure(rows, source), path)
+
+
+def forward_time_figure(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """Canziani 2017 Fig. 3: forward time per batch (ms, log scale) against batch size, one line per model,
+    the legend beside the axes."""
     batch_sizes = sorted(
         int(k.removeprefix("forward_ms_bs")) for k in rows[0] if k.startswith("forward_ms_bs")
     )
-    fig = Figure(figsize=(7, 5), dpi=120)
+    fig = figure(8, 5)
     ax = fig.subplots()
     for r in rows:
         ax.plot(batch_sizes, [r[f"forward_ms_bs{b}"] for b in batch_sizes], marker="o", label=r["model"])
@@ -265,20 +440,25 @@ def plot_forward_time(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pa
     ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
     ax.set_yscale("log")
     ax.set_xlabel("batch size [images]")
-    ax.set_ylabel("forward time [ms]")
-    ax.set_title(f"Forward time vs. batch size ({rows[0]['device']})")
+    ax.set_ylabel("forward time per batch [ms], median")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    legend_beside(ax)
+    fig.suptitle(
+        f"Forward time vs. batch size on {rows[0]['device']} (Canziani et al. 2017, Fig. 3)", fontsize=10
+    )
+    return fig
+
+
+def plot_forward_time(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Writes :func:`forward_time_figure` to ``path``."""
+    return save(forward_time_figure(rows), path)
 
 
 def print_table(rows: Sequence[Mapping[str, Any]], console: Console | None = None) -> None:
     """Prints the rows as a rich table, in Canziani 2017 Table 1's units."""
     batch_keys = [k for k in rows[0] if k.startswith("forward_ms_bs")]
     table = Table(title=f"cvarch-compare on {rows[0]['device']}")
-    for header in ("model", "size", "params [M]", "GMACs", "act. [MB]"):
+    for header in ("model", "size", "classes", "params [M]", "GMACs", "act. [MB]"):
         table.add_column(header, justify="left" if header == "model" else "right")
     for key in batch_keys:
         table.add_column(f"fwd ms @{key.removeprefix('forward_ms_bs')}", justify="right")
@@ -288,6 +468,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], console: Console | None = Non
         table.add_row(
             r["model"],
             str(r["image_size"]),
+            str(r["num_classes"]),
             f"{r['params'] / 1e6:.2f}",
             f"{r['gmacs']:.3f}",
             f"{r['activations_mb']:.1f}",
@@ -347,18 +528,16 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, output_dir / CSV_NAME)
-    plots = [plot_accuracy(rows, output_dir / ACCURACY_PLOT), plot_forward_time(rows, output_dir / TIME_PLOT)]
+    plots = [
+        plot_accuracy(rows, output_dir / ACCURACY_PLOT, describe_results(cfg.results)),
+        plot_forward_time(rows, output_dir / TIME_PLOT),
+    ]
     print_table(rows)
     _log_to_loggers(cfg, rows, plots)
     return rows
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="compare")
-def main(cfg: DictConfig) -> None:
-    """``cvarch-compare models=[…]``; the last line printed is the run directory."""
+def cli(cfg: DictConfig) -> None:
+    """``cvarch-compare models=[…]`` (:mod:`cvarch.cli`); the last line printed is the run directory."""
     run(cfg)
     print(cfg.paths.output_dir)
-
-
-if __name__ == "__main__":
-    main()

@@ -62,10 +62,14 @@ def print_table(prof: Profile, console: Console | None = None) -> None:
             str(r.jump),
         )
     console.print(table)
+    # the measurement is the peak above the weights of a forward + backward without an optimizer step: set it
+    # beside the part of the estimate that counts the same things (activations and gradients)
+    same = t.train_memory_estimate_mb - 2 * t.params * 4 / 1e6
     measured = (
-        f"{t.measured_peak_mb:,.1f} MB measured ({t.measured_with})"
+        f"measured {t.measured_peak_mb:,.1f} MB above the weights ({t.measured_with}), against "
+        f"{same:,.1f} MB estimated for the same (2 × activations + gradients)"
         if t.measured_peak_mb is not None
-        else "—"
+        else "not measured (measure_memory=false)"
     )
     console.print(
         f"params {t.params:,} ({t.params_no_bias:,} without biases) | activations {t.activations:,} "
@@ -73,7 +77,7 @@ def print_table(prof: Profile, console: Console | None = None) -> None:
         f"({t.activations_with_input_mb:.1f} MB) | MACs {t.macs:,} | FLOPs {t.flops:,} "
         f"(FlopCounterMode {t.flops_counter:,}, diff {t.flops_diff:,})\n"
         f"training step, batch {prof.batch_size}: estimate {t.train_memory_estimate_mb:,.1f} MB "
-        f"(2 × activations in {prof.dtype} + 3 × fp32 parameters) | {measured}"
+        f"(2 × activations in {prof.dtype} + weights, gradients and momentum in fp32)\n{measured}"
     )
 
 

@@ -5,7 +5,8 @@ Each job of a Hydra multirun leaves ``<sweep>/<n>/.hydra/overrides.yaml`` and, w
 every swept factor except ``seed`` and gives each group's mean ± sample std and run count, the paired
 differences against a baseline (jobs that differ only in the baseline factor, seed included, are paired), a
 bar plot of the group means, and the jobs that did not finish. It works on a partial sweep. airbench and
-Composer report seeds the same way (mean ± std, n).
+Composer report seeds the same way (mean ± std, n); a group of one run has no std (``None``, "—" in the
+table).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
+from matplotlib.figure import Figure  # no pyplot: Agg canvas, no display, no global backend switch
 from omegaconf import DictConfig
 
-from cvarch.config import CONFIG_PATH
+from cvarch.plots import band, figure, integer_epochs, legend_beside, save
 from cvarch.runs import Job, list_jobs
 
 WANDB_CHOICES = ("auto", "on", "off")
@@ -33,6 +34,33 @@ NOT_FACTORS = (
     "paths.",
     "hydra.",
 )  # never grouping factors: seeds are averaged, paths are not settings
+# Units of the metrics.json and history.json keys, by the key's last part: (suffix, unit)
+UNITS = (
+    ("acc", "fraction correct, 0–1"),
+    ("error", "fraction wrong, 0–1"),
+    ("loss", "cross-entropy, nats"),
+    ("gmacs", "GMACs per image"),
+    ("params", "parameters"),
+    ("_s", "s"),
+)
+
+
+def axis_label(key: str) -> str:
+    """``key`` with its unit: ``test/acc`` → ``test/acc [fraction correct, 0–1]``; an unknown key as it is."""
+    unit = next((u for suffix, u in UNITS if key.rsplit("/", 1)[-1].endswith(suffix)), None)
+    return f"{key} [{unit}]" if unit else key
+
+
+def sweep_name(sweep_dir: str | Path) -> str:
+    """``logs/<task_name>/multiruns/<time>`` → ``<task_name>/<time>`` (its W&B group); another folder: its
+    name."""
+    path = Path(sweep_dir).resolve()
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "multiruns" else path.name
+
+
+def mean_std(mean: float, std: float | None, sign: str = "") -> str:
+    """``0.8500 ± 0.0500``; one run has no spread: ``0.9000 ± —``, never a zero std."""
+    return f"{mean:{sign}.4f} ± " + ("—" if std is None else f"{std:.4f}")
 
 
 def swept_factors(jobs: Sequence[Job]) -> list[str]:
@@ -73,7 +101,8 @@ def bad_jobs(jobs: Sequence[Job], metric: str) -> list[dict[str, str]]:
 
 
 def groups(jobs: Sequence[Job], metric: str, factors: Sequence[str]) -> list[dict[str, Any]]:
-    """Finished jobs grouped by ``factors``: ``{factor: value, …, "n", "mean", "std", "values"}`` each."""
+    """Finished jobs grouped by ``factors``: ``{factor: value, …, "n", "mean", "std", "values"}`` each;
+    ``std`` is the sample std, ``None`` for a group of one run."""
     by_level: dict[tuple[str, ...], list[float]] = defaultdict(list)
     for job in jobs:
         if _value(job, metric) is not None:
@@ -83,7 +112,7 @@ def groups(jobs: Sequence[Job], metric: str, factors: Sequence[str]) -> list[dic
             **dict(zip(factors, level, strict=True)),
             "n": len(values),
             "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
             "values": values,
         }
         for level, values in sorted(by_level.items())
@@ -94,7 +123,8 @@ def paired_differences(
     jobs: Sequence[Job], metric: str, factors: Sequence[str], baseline: tuple[str, str]
 ) -> list[dict[str, Any]]:
     """Mean ± std of ``metric − metric(baseline job)`` per group, over jobs paired with the job whose
-    overrides are the same except ``baseline[0]=baseline[1]`` (same seed: a paired comparison).
+    overrides are the same except ``baseline[0]=baseline[1]`` (same seed: a paired comparison);
+    ``std_diff`` is ``None`` for a single pair.
 
     Raises:
         ValueError: naming the baseline when its factor was not swept or no job has its value.
@@ -122,7 +152,7 @@ def paired_differences(
             **dict(zip(factors, level, strict=True)),
             "pairs": len(values),
             "mean_diff": statistics.fmean(values),
-            "std_diff": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "std_diff": statistics.stdev(values) if len(values) > 1 else None,
         }
         for level, values in sorted(diffs.items())
     ]
@@ -137,9 +167,9 @@ def _history_value(row: dict[str, float], key: str) -> float | None:
     return None
 
 
-def curves(jobs: Sequence[Job], factors: Sequence[str], key: str) -> dict[str, list[list[float]]]:
-    """Per group, the seed-averaged per-epoch ``key`` of the jobs' ``history.json`` (``LearningCurves``):
-    ``{"norm=none": [[epoch, mean], …]}``."""
+def curves(jobs: Sequence[Job], factors: Sequence[str], key: str) -> dict[str, list[list[Any]]]:
+    """Per group, the per-epoch ``key`` of the jobs' ``history.json`` (``LearningCurves``) over seeds:
+    ``{"norm=none": [[epoch, mean, std, n], …]}``, ``std`` ``None`` where one run has the epoch."""
     per_epoch: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for job in jobs:
         path = job.dir / "history.json"
@@ -151,29 +181,42 @@ def curves(jobs: Sequence[Job], factors: Sequence[str], key: str) -> dict[str, l
             if value is not None:
                 per_epoch[label][int(row["epoch"])].append(value)
     return {
-        label: [[epoch, statistics.fmean(values)] for epoch, values in sorted(epochs.items())]
+        label: [
+            [epoch, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, len(v)]
+            for epoch, v in sorted(epochs.items())
+        ]
         for label, epochs in sorted(per_epoch.items())
     }
 
 
-def plot_curves(series: dict[str, list[list[float]]], key: str, path: Path) -> Path:
-    """One line per group: the seed-averaged ``key`` against the epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+def curves_figure(series: dict[str, list[list[Any]]], key: str, title: str = "") -> Figure:
+    """One line per group: ``key`` against the epoch (1 = after the first), mean over seeds with a mean ± std
+    band where several seeds have the epoch; the legend, beside the axes, gives each group's seeds (n)."""
+    fig = figure(7.5, 4.5)
+    ax = fig.subplots()
     for label, points in series.items():
-        ax.plot([p[0] + 1 for p in points], [p[1] for p in points], marker="o", markersize=3, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(key)
-    ax.legend(fontsize=8)
+        n = max(p[3] for p in points)
+        band(
+            ax,
+            [p[0] + 1 for p in points],
+            [p[1] for p in points],
+            [p[2] or 0.0 for p in points],
+            label=f"{label} (n={n})",
+            marker="o",
+            markersize=3,
+        )
+    integer_epochs(ax, "epoch [completed passes over the training set]")
+    ax.set_ylabel(axis_label(key))
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    legend_beside(ax, title="mean ± std over seeds", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_curves(series: dict[str, list[list[Any]]], key: str, path: Path, title: str = "") -> Path:
+    """Writes :func:`curves_figure` to ``path``."""
+    return save(curves_figure(series, key, title), path)
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -183,9 +226,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["| " + " | ".join([*factors, metric, "n"]) + " |", "|" + "---|" * (len(factors) + 2)]
     for g in summary["groups"]:
         lines.append(
-            "| "
-            + " | ".join([*(g[f] for f in factors), f"{g['mean']:.4f} ± {g['std']:.4f}", str(g["n"])])
-            + " |"
+            "| " + " | ".join([*(g[f] for f in factors), mean_std(g["mean"], g["std"]), str(g["n"])]) + " |"
         )
     if summary.get("paired"):
         key, value = summary["baseline"]
@@ -197,7 +238,7 @@ def markdown(summary: dict[str, Any]) -> str:
         for d in summary["paired"]:
             cells = [
                 *(d[f] for f in factors),
-                f"{d['mean_diff']:+.4f} ± {d['std_diff']:.4f}",
+                mean_std(d["mean_diff"], d["std_diff"], sign="+"),
                 str(d["pairs"]),
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -209,24 +250,41 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, Any], path: Path) -> Path:
-    """A bar per group: mean with a ± std error bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summary["groups"]
-    labels = [" ".join(f"{f}={g[f]}" for f in summary["factors"]) or "all" for g in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 4))
-    ax.bar(range(len(rows)), [g["mean"] for g in rows], yerr=[g["std"] for g in rows], capsize=4)
+def report_figure(summary: dict[str, Any]) -> Figure:
+    """A bar per group: the mean, a ± std error bar where the group has several runs, ``n=`` above each bar,
+    the baseline's bars hatched (named in the legend beside the axes), the sweep and its factors in the title.
+    """
+    rows, factors, metric = summary["groups"], summary["factors"], summary["metric"]
+    labels = [" ".join(f"{f}={g[f]}" for f in factors) or "all" for g in rows]
+    key, value = summary.get("baseline") or (None, None)
+    fig = figure(max(5.0, 0.9 * len(rows) + 3.5), 4.5)
+    ax = fig.subplots()
+    bars = ax.bar(range(len(rows)), [g["mean"] for g in rows], color="C0", edgecolor="k", linewidth=0.5)
+    for i, (g, bar) in enumerate(zip(rows, bars, strict=True)):
+        if g["std"] is not None:
+            ax.errorbar(i, g["mean"], yerr=g["std"], fmt="none", color="k", capsize=4)
+        if key is not None and g.get(key) == value:  # the group the others are paired against
+            bar.set_hatch("//")
+            bar.set_facecolor("0.75")
+        ax.annotate(f"n={g['n']}", (i, g["mean"] + (g["std"] or 0.0)), xytext=(0, 2),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8)  # fmt: skip
     ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(summary["metric"])
-    ax.set_title(f"{Path(summary['sweep_dir']).name}: mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.set_xlabel(" × ".join(factors) or "all jobs")
+    ax.set_ylabel(f"{axis_label(metric)}\nmean ± std over seeds")
+    ax.margins(y=0.12)
+    ax.grid(axis="y", alpha=0.3)
+    baseline_bars = [b for g, b in zip(rows, bars, strict=True) if key is not None and g.get(key) == value]
+    if baseline_bars:
+        baseline_bars[0].set_label(f"baseline {key}={value}")
+    legend_beside(ax)
+    swept = " × ".join(factors) or "nothing swept"
+    fig.suptitle(f"Sweep {sweep_name(summary['sweep_dir'])}: {metric} by {swept}", fontsize=10)
+    return fig
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Writes :func:`report_figure` to ``path``."""
+    return save(report_figure(summary), path)
 
 
 def wandb_node(jobs: Sequence[Job]) -> tuple[dict[str, Any], str] | None:
@@ -338,7 +396,10 @@ def report(
     if summary["groups"]:
         plot(summary, out / "report.png")
     if summary["curves"]:
-        plot_curves(summary["curves"], curve, out / "report_curves.png")
+        title = (
+            f"Sweep {sweep_name(sweep_dir)}: {curve} per epoch, by {' × '.join(factors) or 'nothing swept'}"
+        )
+        plot_curves(summary["curves"], curve, out / "report_curves.png", title)
     found = wandb_node(jobs) if wandb != "off" else None
     if wandb == "on" and found is None:
         found = ({}, Path(sweep_dir).resolve().parent.parent.name)  # logs/<task_name>/multiruns/<time>
@@ -383,12 +444,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
-def main(cfg: DictConfig) -> None:
-    """``cvarch-report sweep_dir=…``; the last line printed is the folder the report went to."""
+def cli(cfg: DictConfig) -> None:
+    """``cvarch-report sweep_dir=…`` (:mod:`cvarch.cli`); the last line printed is the folder the report went
+    to."""
     run(cfg)
     print(cfg.out_dir)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,6 +17,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+import torchvision.models as tvm
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.text import Text
 from torch.utils.flop_counter import FlopCounterMode
 
 import cvarch
@@ -33,13 +36,13 @@ FAST = {
     "repeats": 2,
     "warmup": 1,
     "train_steps": 1,
-    "num_classes": 10,
     "device": "cpu",
-}
-FAST_CLI = ["batch_sizes=[1,2]", "repeats=2", "warmup=1", "train_steps=1", "num_classes=10", "device=cpu"]
+}  # num_classes left to each model's native dataset: CIFAR-10 for both
+FAST_CLI = ["batch_sizes=[1,2]", "repeats=2", "warmup=1", "train_steps=1", "device=cpu"]
 COLUMNS = [
     "model",
     "image_size",
+    "num_classes",
     "params",
     "gmacs",
     "activations_mb",
@@ -79,7 +82,8 @@ def test_cli_writes_the_csv_both_plots_and_fills_top1_from_a_results_csv(tmp_pat
         [
             sys.executable,
             "-m",
-            "cvarch.compare",
+            "cvarch",
+            "compare",
             f"models=[{','.join(SMALL)}]",
             *FAST_CLI,
             f"results={published}",
@@ -114,7 +118,8 @@ def test_params_are_the_models_own_and_gmacs_are_flopcounter_flops_over_two(smal
         with torch.no_grad(), counter:
             model(torch.randn(1, 3, 32, 32))
         assert row["gmacs"] == pytest.approx(counter.get_total_flops() / 2 / 1e9)
-    assert small_rows[0]["params"] == 269_722  # ResNet-20, He et al. 2015 §4.2: 0.27M
+    assert [r["num_classes"] for r in small_rows] == [10, 10]  # CIFAR nets get CIFAR-10's classes
+    assert small_rows[0]["params"] == 269_722  # ResNet-20, He 2015 §4.2: 0.27M (0.33M with 1000 classes)
     assert small_rows[0]["gmacs"] == pytest.approx(0.0406, abs=5e-4)  # 3 stages of 3×3 convs at 32², 16², 8²
 
 
@@ -208,3 +213,144 @@ def test_wandb_gets_the_table_and_both_plots(tmp_path):
         f"compare/{Path(cmp.ACCURACY_PLOT).stem}": "image-file",
         f"compare/{Path(cmp.TIME_PLOT).stem}": "image-file",
     }
+
+
+def test_num_classes_overrides_the_native_count_for_every_model():
+    (row,) = cmp.compare(["resnet20"], **{**FAST, "batch_sizes": [1]}, num_classes=100)
+    assert row["num_classes"] == 100 and row["params"] == 269_722 + 64 * 90 + 90  # fc: 64 → 100, not 10
+
+
+def test_the_default_config_builds_each_model_with_its_native_classes(tmp_path):
+    cfg = cvarch.compose("models=[resnet20]", *FAST_CLI, f"paths.log_dir={tmp_path}", config_name="compare")
+    assert cfg.num_classes is None
+    assert cmp.native_num_classes(cvarch.compose("model=resnet50").model) == 1000
+    assert cmp.native_num_classes(cvarch.compose("model=speedrun").model) == 10  # CIFAR-only, no stem key
+    (row,) = cmp.run(cfg)
+    assert row["num_classes"] == 10 and row["params"] == 269_722
+
+
+@pytest.fixture(scope="module")
+def googlenet_row():
+    """googlenet_tv measured once at 224×224: one pass and one SGD step at batch 1."""
+    fast = {**FAST, "batch_sizes": [1], "repeats": 1, "warmup": 0}
+    (row,) = cmp.compare(["googlenet_tv"], **fast, results=ROOT / "scripts" / "torchvision_imagenet_top1.csv")
+    return row
+
+
+def test_googlenet_counts_the_parameters_of_torchvisions_weights_without_the_auxiliary_heads(googlenet_row):
+    reference = tvm.googlenet(weights=None, aux_logits=False, init_weights=False)  # how its weights load
+    assert googlenet_row["params"] == sum(p.numel() for p in reference.parameters()) == 6_624_904
+    assert googlenet_row["num_classes"] == 1000 and googlenet_row["top1"] == pytest.approx(69.778)
+    model = cvarch.build_model("model=googlenet_tv", "data.channels=3", "data.num_classes=1000")
+    assert sum(p.numel() for p in model.parameters()) == 13_004_888  # aux1, aux2 still built for training
+
+
+def test_the_accuracy_figure_draws_googlenet_at_torchvisions_parameter_count(googlenet_row):
+    rows = [googlenet_row, {**googlenet_row, "model": "other", "params": 1_000_000, "gmacs": 0.5}]
+    fig = cmp.accuracy_figure(rows)
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    keys = {t.get_text(): h.get_sizes()[0] for t, h in zip(legend.texts, legend.legend_handles, strict=True)}
+    assert list(keys) == ["5M", "1M", "0.25M"]
+    (bubble,) = [
+        c.get_sizes()[0]
+        for c in ax.collections
+        if len(c.get_offsets())
+        and tuple(c.get_offsets()[0]) == pytest.approx((googlenet_row["gmacs"], 69.778))
+    ]
+    assert bubble / keys["5M"] == pytest.approx(6_624_904 / 5e6)  # bubble area ∝ parameters: 6.6M, not 13.0M
+
+
+README_ROWS = [  # the README's measured table, googlenet_tv at its inference count
+    ("alexnet_tv", 61.10, 0.714, 56.52),
+    ("vgg16", 138.36, 15.470, 71.59),
+    ("googlenet_tv", 6.62, 1.498, 69.78),
+    ("resnet18", 11.69, 1.814, 69.76),  # 0.3 GMACs right of googlenet_tv at the same top-1: labels collide
+    ("resnet50", 25.56, 4.089, 76.13),
+    ("resnet152", 60.19, 11.514, 78.31),
+    ("densenet121", 7.98, 2.834, 74.43),
+    ("squeezenet1_1", 1.24, 0.349, 58.18),
+]
+
+
+def readme_rows(without_top1: tuple[str, ...] = ()) -> list[dict]:
+    return [
+        {
+            "model": name,
+            "params": params * 1e6,
+            "gmacs": gmacs,
+            "forward_ms_bs1": 10 * gmacs + 1,
+            "forward_ms_bs8": 60 * gmacs + 5,
+            "top1": None if name in without_top1 else top1,
+            "device": "cpu",
+        }
+        for name, params, gmacs, top1 in README_ROWS
+    ]
+
+
+def drawn_labels(fig):
+    """The model labels (annotations) of every axes, and their boxes as drawn (text only, in pixels)."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    labels = [t for ax in fig.axes for t in ax.texts]
+    return {t.get_text(): Text.get_window_extent(t, renderer) for t in labels}, renderer
+
+
+def test_the_readme_figure_has_no_overlapping_labels_and_starts_at_zero_operations():
+    source = cmp.describe_results(ROOT / "scripts" / "torchvision_imagenet_top1.csv")
+    fig = cmp.accuracy_figure(readme_rows(), source)
+    boxes, renderer = drawn_labels(fig)
+    assert sorted(boxes) == sorted(name for name, *_ in README_ROWS)
+    names = list(boxes)
+    overlapping = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if boxes[a].overlaps(boxes[b])]
+    assert not overlapping
+    (ax,) = fig.axes
+    frame = ax.get_window_extent(renderer)
+    for b in boxes.values():  # inside the axes
+        assert frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
+    assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 15.47
+    assert ax.get_xlabel() == "operations per image [GMACs, multiply-accumulates at batch 1]"
+    assert ax.get_ylabel() == "top-1 accuracy [%]"
+    assert fig.get_suptitle().startswith("Top-1 accuracy vs. operations")
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.texts] == ["100M", "25M", "5M"]
+    assert legend.get_window_extent(renderer).x0 >= frame.x1  # the key beside the data, not on it
+    caption = fig.get_supxlabel()
+    assert "torchvision's published ImageNet top-1" in caption and "torchvision_imagenet_top1.csv" in caption
+
+
+def test_models_without_a_top1_are_drawn_on_a_strip_and_named_in_the_caption(tmp_path):
+    fig = cmp.accuracy_figure(readme_rows(without_top1=("alexnet_tv", "googlenet_tv")), "top-1: from x.csv")
+    ax, strip = fig.axes[:2]
+    assert sorted(t.get_text() for t in strip.texts) == ["alexnet_tv", "googlenet_tv"]
+    assert len(ax.texts) == 6 and strip.get_yticklabels()[0].get_text() == "no top-1"
+    assert strip.get_xlim()[0] == 0
+    caption = fig.get_supxlabel()
+    assert "no top-1 for alexnet_tv, googlenet_tv" in caption and "from x.csv" in caption
+    boxes, _ = drawn_labels(fig)
+    names = list(boxes)
+    assert not [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if boxes[a].overlaps(boxes[b])]
+    check_png(cmp.plot_accuracy(readme_rows(without_top1=("vgg16",)), tmp_path / "a.png"))
+
+
+def test_the_default_models_all_have_a_published_top1():
+    published = cmp.read_top1(ROOT / "scripts" / "torchvision_imagenet_top1.csv")
+    models = cvarch.compose(config_name="compare").models
+    assert set(models) <= set(published) and "alexnet_tv" in models and "googlenet_tv" in models
+
+
+def test_the_caption_names_a_folder_of_runs(tmp_path):
+    assert cmp.describe_results(tmp_path) == f"top-1: mean test/acc of the cvarch-train runs in {tmp_path}"
+    (tmp_path / "r.csv").write_text("model,top1\nresnet20,91.25\n")
+    assert cmp.describe_results(tmp_path / "r.csv") == f"top-1: published figures from {tmp_path / 'r.csv'}"
+
+
+def test_the_forward_time_figure_has_its_legend_beside_the_data():
+    fig = cmp.forward_time_figure(readme_rows())
+    _, renderer = drawn_labels(fig)
+    (ax,) = fig.axes
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    assert [t.get_text() for t in ax.get_legend().texts] == [name for name, *_ in README_ROWS]
+    assert ax.get_xlabel() == "batch size [images]"
+    assert ax.get_ylabel() == "forward time per batch [ms], median"
+    assert fig.get_suptitle().startswith("Forward time vs. batch size on cpu")

@@ -10,9 +10,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
+from matplotlib.ticker import MaxNLocator
 
 import cvarch
-from cvarch.report import paired_differences, parse_baseline, report, run, swept_factors
+from cvarch.report import (
+    curves_figure,
+    paired_differences,
+    parse_baseline,
+    report,
+    report_figure,
+    run,
+    sweep_name,
+    swept_factors,
+)
 from cvarch.runs import list_jobs
 from tests.conftest import run_cli, run_main, tmp_overrides
 
@@ -221,8 +233,13 @@ def test_curves_average_the_seeds_per_epoch_and_error_is_one_minus_accuracy(swee
         history = [{"epoch": e, "train/acc": a, "train/loss": 1 - a} for e, a in enumerate(accs)]
         (sweep / job / "history.json").write_text(json.dumps(history))
     summary = report(sweep, curve="train/error", out_dir=tmp_path / "out")
-    assert summary["curves"]["norm=batchnorm"] == [[0, pytest.approx(0.6)], [1, pytest.approx(0.4)]]
-    assert summary["curves"]["norm=none"] == [[0, pytest.approx(0.8)], [1, pytest.approx(0.6)]]
+    spread = statistics.stdev([0.5, 0.7])  # seeds 0 and 1 of norm=batchnorm, both epochs
+    assert summary["curves"]["norm=batchnorm"] == [
+        [0, pytest.approx(0.6), pytest.approx(spread), 2],
+        [1, pytest.approx(0.4), pytest.approx(spread), 2],
+    ]
+    none = [[0, pytest.approx(0.8), None, 1], [1, pytest.approx(0.6), None, 1]]  # one seed: no std
+    assert summary["curves"]["norm=none"] == none
     assert (tmp_path / "out" / "report_curves.png").stat().st_size > 1000
     assert report(sweep, curve="train/loss", out_dir=tmp_path / "o2")["curves"]["norm=none"][1][
         1
@@ -253,3 +270,71 @@ def test_no_wandb_run_without_wandb_jobs_unless_asked(sweep):
     assert "wandb_run" not in report(sweep)  # the fixture's jobs have no config.yaml: no W&B logger
     assert not list(sweep.glob("wandb"))
     assert Path(report(sweep, wandb="on")["wandb_run"]).is_dir()
+
+
+def test_a_group_of_one_run_has_no_std_in_the_table_the_csv_or_the_json(sweep, tmp_path):
+    _job(sweep, 6, ["norm=lrn", "seed=0", "optimizer.lr=0.1"], 0.5)
+    summary = report(sweep, baseline=("norm", "batchnorm"), out_dir=tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| lrn | 0.5000 ± — | 1 |" in md  # one seed: no spread, not "± 0.0000"
+    assert "| lrn | -0.4000 ± — | 1 |" in md  # one pair: seed 0 against batchnorm's 0.90
+    assert "| none | -0.1700 ± 0.0424 | 2 |" in md and "0.0000" not in md
+    with (tmp_path / "out" / "report.csv").open() as f:
+        rows = {r[0]: r for r in csv.reader(f)}
+    assert rows["lrn"] == ["lrn", "1", "0.5", ""]
+    groups = {g["norm"]: g for g in json.loads((tmp_path / "out" / "report.json").read_text())["groups"]}
+    assert groups["lrn"]["std"] is None and groups["none"]["std"] == pytest.approx(0.02 * 2**0.5)
+    assert {d["norm"]: d["std_diff"] for d in summary["paired"]}["lrn"] is None
+
+
+def draw(fig):
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    return renderer
+
+
+def test_the_bar_plot_names_the_sweep_gives_n_per_bar_and_marks_the_baseline(sweep, tmp_path):
+    _job(sweep, 6, ["norm=lrn", "seed=0", "optimizer.lr=0.1"], 0.5)
+    fig = report_figure(report(sweep, baseline=("norm", "batchnorm"), out_dir=tmp_path / "out"))
+    (ax,) = fig.axes
+    assert fig.get_suptitle() == "Sweep sweep: test/acc by norm"
+    assert [t.get_text() for t in ax.texts] == ["n=3", "n=1", "n=2"]  # batchnorm, lrn, none
+    assert [p.get_hatch() for p in ax.patches] == ["//", None, None]  # the baseline's bar
+    assert [t.get_text() for t in ax.get_legend().texts] == ["baseline norm=batchnorm"]
+    assert len(ax.containers) == 3  # the bars and an error bar for each group of ≥ 2 runs, none for lrn
+    assert ax.containers[1].lines[2][0].get_segments()[0][:, 1] == pytest.approx([0.80, 0.90])  # mean ± std
+    assert ax.get_ylabel() == "test/acc [fraction correct, 0–1]\nmean ± std over seeds"
+    assert ax.get_xlabel() == "norm"
+    renderer = draw(fig)
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    assert (tmp_path / "out" / "report.png").stat().st_size > 1000
+
+
+def test_the_curves_have_integer_epochs_a_seed_band_and_the_legend_beside(sweep, tmp_path):
+    for job, accs in (("0", [0.5, 0.7, 0.8]), ("1", [0.3, 0.5, 0.6]), ("3", [0.2, 0.4, 0.5])):
+        history = [{"epoch": e, "train/acc": a} for e, a in enumerate(accs)]
+        (sweep / job / "history.json").write_text(json.dumps(history))
+    summary = report(sweep, curve="train/error", out_dir=tmp_path / "out")
+    fig = curves_figure(summary["curves"], "train/error", "a title")
+    (ax,) = fig.axes
+    renderer = draw(fig)
+    assert isinstance(ax.xaxis.get_major_locator(), MaxNLocator)
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    assert ax.get_xlabel() == "epoch [completed passes over the training set]"
+    assert ax.get_ylabel() == "train/error [fraction wrong, 0–1]"
+    assert [t.get_text() for t in ax.get_legend().texts] == ["norm=batchnorm (n=2)", "norm=none (n=1)"]
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]  # norm=none has one seed: no band
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    spread = statistics.stdev([0.5, 0.7])
+    assert low == pytest.approx(0.3 - spread) and high == pytest.approx(0.6 + spread)  # epoch 3 and 1
+    assert [list(line.get_xdata()) for line in ax.lines] == [[1, 2, 3], [1, 2, 3]]
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    assert fig.get_suptitle() == "a title"
+
+
+def test_the_sweep_is_named_by_its_task_and_time(tmp_path):
+    assert sweep_name(tmp_path / "logs" / "norm_ablation" / "multiruns" / "2026-01-02_03-04-05") == (
+        "norm_ablation/2026-01-02_03-04-05"
+    )
+    assert sweep_name(tmp_path / "my_sweep") == "my_sweep"
