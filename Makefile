@@ -28,7 +28,7 @@ test: install  ## the whole test suite (slow tests included), one worker per cor
 test-fast: install  ## the suite without the slow marker: no training longer than a few steps
 	$(PYTEST) -m "not slow" $(ARGS)
 
-bench: install  ## cvarch-bench, a developer tool: loader, step overhead, epoch and start-up ratios on $$CVARCH_DATA_DIR/cifar10 (about 15 min on 2 cores); writes bench.json; ARGS="only=[step] repeats=3" are its keys (conf/bench.yaml)
+bench: install  ## cvarch-bench, a developer tool: loader, step overhead, epoch and start-up ratios on $$CVARCH_DATA_DIR/cifar10 (~17 min on 2 cores); writes bench.json; ARGS="only=[step] repeats=3" are its keys (conf/bench.yaml)
 	$(BIN)/cvarch-bench $(ARGS)
 
 lint: install

@@ -44,7 +44,8 @@ IMAGENET_PREFIXES = (
     "resnet152",
 )
 CHANNELS = {"inception_module": 256, "mlp": 1}
-OVERRIDES = {"fractalnet": ["model.drop_path_local=0", "model.global_fraction=0"]}  # every path active
+ALL_PATHS = ["model.drop_path_local=0", "model.global_fraction=0"]  # every FractalNet path active
+OVERRIDES = {"fractalnet": ALL_PATHS, "fractalnet20": ALL_PATHS}
 
 
 def native_size(name: str) -> int:
