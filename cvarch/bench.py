@@ -509,4 +509,3 @@ def cli(cfg: DictConfig) -> None:
     # allows one initialization per process, and this app's is not needed once its own config is composed.
     GlobalHydra.instance().clear()
     run(cfg)
-

@@ -226,4 +226,3 @@ def cli(cfg: DictConfig) -> None:
     with plain_config_errors("cvarch-ensemble"):
         report = run(cfg)
     print(report["output_dir"])
-

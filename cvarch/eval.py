@@ -56,4 +56,3 @@ def cli(cfg: DictConfig) -> None:
     with plain_config_errors("cvarch-eval"):
         metrics = evaluate(cfg)
     print(metrics["output_dir"])
-

@@ -100,4 +100,3 @@ def cli(cfg: DictConfig) -> None:
     with plain_config_errors("cvarch-profile"):
         run(cfg)
     print(cfg.paths.output_dir)
-

@@ -273,4 +273,3 @@ def cli(cfg: DictConfig) -> None:
     """``python -m cvarch quadrants sweep_dir=… [readme=README.md]``; prints the sweep folder last."""
     run(cfg)
     print(cfg.sweep_dir)
-

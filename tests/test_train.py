@@ -102,6 +102,9 @@ def test_wandb_offline_run_holds_the_logged_metrics(default_run):
     assert summary["params"] == 269_434 and summary["gmacs"] == pytest.approx(metrics["gmacs"])
     config = wandb_log.config(log)
     assert config["optimizer"]["lr"] == 0.01 and config["model"]["layers"] == [3, 3, 3]
+    assert config["choices"]["model"] == "resnet20" and config["choices"]["norm"] == "batchnorm"
+    staged = default_run["output_dir"] / "wandb" / "artifacts" / "staging"  # the test table's files
+    assert staged.is_dir() and any(staged.iterdir())
 
 
 @pytest.mark.slow
@@ -668,11 +671,11 @@ def _options(group: str) -> list[str]:
 
 
 # one optimizer step and one validation batch: no test, checkpoints, plots or console output
-ONE_STEP = (*(o.replace("+trainer", "++trainer") for o in TINY), "logger=none", "++trainer.max_steps=1", "test=false",
-            "callbacks=default", "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null",
-            "callbacks.learning_curves=null", "callbacks.test_predictions=null", "callbacks.progress_bar=null",
-            "callbacks.model_summary=null", "++trainer.enable_progress_bar=false",
-            "++trainer.enable_model_summary=false")  # fmt: skip
+ONE_STEP = (*(o.replace("+trainer", "++trainer") for o in TINY), "logger=none", "++trainer.max_steps=1",
+            "test=false", "callbacks=default", "callbacks.model_checkpoint=null",
+            "callbacks.last_checkpoint=null", "callbacks.learning_curves=null",
+            "callbacks.test_predictions=null", "callbacks.progress_bar=null", "callbacks.model_summary=null",
+            "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false")  # fmt: skip
 
 
 @pytest.mark.parametrize("debug", _options("debug"))

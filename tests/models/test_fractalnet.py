@@ -105,7 +105,7 @@ def test_cifar_config_parameter_count():
     assert n == 76_106_634  # C=4, B=5, channels 64…512: 75 bias-free 3×3 convs + BN + fc
     assert convs(model) == 5 * (2**4 - 1)
     assert convs(model.extract_column(3)) == 40  # Table 1's "40 layers" is the deepest path
-    twenty = cvarch.build_model("model=fractalnet20", "data.channels=3", "data.image_size=32")  # Table 1: 38.6M
+    twenty = cvarch.build_model("model=fractalnet20", "data.channels=3", "data.image_size=32")
     assert convs(twenty.extract_column(2)) == 20  # Table 1's "20 layers"
     assert (
         params(twenty) == 33_724_618
