@@ -302,7 +302,7 @@ def startup_seconds(overrides: Sequence[str], out: Path) -> float:
     times = out / "times.json"
     times.unlink(missing_ok=True)
     start = time.time()
-    command = [sys.executable, "-m", "cvarch", "train", *overrides]
+    command = [sys.executable, "-m", "cvarch.train", *overrides]
     subprocess.run(command, check=True, capture_output=True, env=_child_env())
     return json.loads(times.read_text())["batches"][0] - start
 
@@ -311,7 +311,7 @@ def import_seconds(overrides: Sequence[str]) -> tuple[float, list[tuple[str, flo
     """Seconds a ``cvarch-train`` start spends importing (``-X importtime``, top-level imports summed), and
     the five slowest top-level imports."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "cvarch", "train", *overrides],
+        [sys.executable, "-X", "importtime", "-m", "cvarch.train", *overrides],
         check=True,
         capture_output=True,
         text=True,
@@ -509,3 +509,9 @@ def cli(cfg: DictConfig) -> None:
     # allows one initialization per process, and this app's is not needed once its own config is composed.
     GlobalHydra.instance().clear()
     run(cfg)
+
+
+if __name__ == "__main__":  # python -m cvarch.bench, as torchrun, srun and DDP re-launches start it
+    from cvarch.cli import bench
+
+    bench()

@@ -36,14 +36,3 @@ ensemble = _tool("cvarch.ensemble", "ensemble")
 report = _tool("cvarch.report", "report")
 bench = _tool("cvarch.bench", "bench")
 quadrants = _tool("cvarch.quadrants", "quadrants")
-
-TOOLS = {  # python -m cvarch <tool>
-    "train": train,
-    "eval": evaluate,
-    "profile": profile,
-    "compare": compare,
-    "ensemble": ensemble,
-    "report": report,
-    "bench": bench,
-    "quadrants": quadrants,
-}

@@ -541,3 +541,9 @@ def cli(cfg: DictConfig) -> None:
     """``cvarch-compare models=[…]`` (:mod:`cvarch.cli`); the last line printed is the run directory."""
     run(cfg)
     print(cfg.paths.output_dir)
+
+
+if __name__ == "__main__":  # python -m cvarch.compare, as torchrun, srun and DDP re-launches start it
+    from cvarch.cli import compare
+
+    compare()

@@ -226,3 +226,9 @@ def cli(cfg: DictConfig) -> None:
     with plain_config_errors("cvarch-ensemble"):
         report = run(cfg)
     print(report["output_dir"])
+
+
+if __name__ == "__main__":  # python -m cvarch.ensemble, as torchrun, srun and DDP re-launches start it
+    from cvarch.cli import ensemble
+
+    ensemble()

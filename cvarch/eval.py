@@ -56,3 +56,9 @@ def cli(cfg: DictConfig) -> None:
     with plain_config_errors("cvarch-eval"):
         metrics = evaluate(cfg)
     print(metrics["output_dir"])
+
+
+if __name__ == "__main__":  # python -m cvarch.eval, as torchrun, srun and DDP re-launches start it
+    from cvarch.cli import evaluate
+
+    evaluate()

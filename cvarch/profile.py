@@ -100,3 +100,9 @@ def cli(cfg: DictConfig) -> None:
     with plain_config_errors("cvarch-profile"):
         run(cfg)
     print(cfg.paths.output_dir)
+
+
+if __name__ == "__main__":  # python -m cvarch.profile, as torchrun, srun and DDP re-launches start it
+    from cvarch.cli import profile
+
+    profile()

@@ -8,7 +8,7 @@ The lecture's advice, one ``transfer`` option per cell (Yosinski et al. 2014; Ra
 | quite a lot of data  | ``finetune_top``     | ``finetune_all``       |
 
 :class:`QuadrantsCallback` trains the source once into the sweep folder before the first job, and writes the
-report when the multirun ends; ``python -m cvarch quadrants sweep_dir=<sweep dir> readme=README.md`` rewrites
+report when the multirun ends; ``python -m cvarch.quadrants sweep_dir=<sweep dir> readme=README.md`` rewrites
 it from a finished (or partial) sweep, and puts its table into the README.
 """
 
@@ -217,7 +217,7 @@ class QuadrantsCallback(Callback):
         if target.is_file():
             return
         run_dir = sweep_dir / "source"
-        command = [sys.executable, "-m", "cvarch", "train", *self.source, f"hydra.run.dir={run_dir}"]
+        command = [sys.executable, "-m", "cvarch.train", *self.source, f"hydra.run.dir={run_dir}"]
         print("training the transfer source:", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True)
         best = read_job(run_dir).best_checkpoint()
@@ -253,7 +253,7 @@ def write_readme(table: str, readme: str | Path) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """``python -m cvarch quadrants`` as a function: (re)writes the report of the quadrant sweep
+    """``python -m cvarch.quadrants`` as a function: (re)writes the report of the quadrant sweep
     ``cfg.sweep_dir`` (:func:`report`), puts its table into ``cfg.readme``'s quadrants block when one is
     named, and prints the table.
 
@@ -270,6 +270,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def cli(cfg: DictConfig) -> None:
-    """``python -m cvarch quadrants sweep_dir=… [readme=README.md]``; prints the sweep folder last."""
+    """``python -m cvarch.quadrants sweep_dir=… [readme=README.md]``; prints the sweep folder last."""
     run(cfg)
     print(cfg.sweep_dir)
+
+
+if __name__ == "__main__":  # python -m cvarch.quadrants, as torchrun, srun and DDP re-launches start it
+    from cvarch.cli import quadrants
+
+    quadrants()

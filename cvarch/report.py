@@ -449,3 +449,9 @@ def cli(cfg: DictConfig) -> None:
     to."""
     run(cfg)
     print(cfg.out_dir)
+
+
+if __name__ == "__main__":  # python -m cvarch.report, as torchrun, srun and DDP re-launches start it
+    from cvarch.cli import report
+
+    report()

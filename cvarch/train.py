@@ -370,3 +370,9 @@ def cli(cfg: DictConfig) -> float:
         metrics = train(cfg)
     print(metrics["output_dir"])
     return metrics.get(cfg.optimized_metric)  # what a Hydra sweeper (hparams_search) optimizes
+
+
+if __name__ == "__main__":  # python -m cvarch.train, as torchrun, srun and DDP re-launches start it
+    from cvarch.cli import train
+
+    train()

@@ -71,7 +71,7 @@ CONSOLE_SCRIPTS = {  # console script -> its function in cvarch.cli (pyproject.t
     "cvarch-profile": "profile",
     "cvarch-compare": "compare",
     "cvarch-bench": "bench",
-    "python -m cvarch quadrants": "quadrants",
+    "python -m cvarch.quadrants": "quadrants",
 }
 
 

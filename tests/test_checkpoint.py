@@ -50,7 +50,7 @@ class KillAt(pl.Callback):
 def train_process(*overrides: str) -> subprocess.CompletedProcess:
     """``cvarch-train`` in a child process started in the repository, so this file's callbacks import."""
     return subprocess.run(
-        [sys.executable, "-m", "cvarch", "train", *overrides],
+        [sys.executable, "-m", "cvarch.train", *overrides],
         cwd=ROOT,
         env={**os.environ, "HYDRA_FULL_ERROR": "1"},
         capture_output=True,

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import re
-import runpy
-import sys
 from pathlib import Path
-
-import pytest
 
 from cvarch.config import CONFIG_DIR
 from tests.conftest import run_main
@@ -21,13 +17,3 @@ def test_help_says_what_cvarch_is_and_gives_every_group_a_line():
     groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir() and not p.name.startswith("_")}
     assert groups - {"hydra"} <= described, groups - described
     assert "model: alexnet, alexnet_tv," in proc.stdout  # each group's options, from conf/
-
-
-def test_python_m_cvarch_names_the_tools_when_given_none():
-    argv = sys.argv
-    sys.argv = ["cvarch"]
-    try:
-        with pytest.raises(SystemExit, match=r"usage: python -m cvarch \{train,eval,profile,compare"):
-            runpy.run_module("cvarch", run_name="__main__")
-    finally:
-        sys.argv = argv

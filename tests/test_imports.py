@@ -70,6 +70,8 @@ def imported_modules(path) -> set[str]:
         if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
             nodes += node.orelse
             continue
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'":
+            continue  # run as a script (python -m cvarch.train), the module is a console entry point itself
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -83,7 +85,7 @@ def module_name(path) -> str:
     return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
 
 
-CLI_MODULES = {"cvarch.cli", "cvarch.__main__"}  # the console scripts' @hydra.main wrappers, python -m cvarch
+CLI_MODULES = {"cvarch.cli"}  # the console scripts' @hydra.main wrappers
 
 
 def hydra_mains() -> set[str]:

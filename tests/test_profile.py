@@ -169,6 +169,21 @@ def test_cli_writes_json_with_the_schema(tmp_path):
     assert data["totals"]["measured_peak_mb"] > 0
 
 
+def test_the_measured_memory_is_set_beside_the_estimate_of_the_same_things(capsys):
+    """The estimate counts weights, gradients and momentum; the measurement (forward + backward, no step,
+    above the weights) only activations and gradients: the printout compares like with like."""
+    from cvarch.profile import print_table
+
+    prof = profile("model=resnet20", "data.channels=3")
+    print_table(prof)
+    t = prof.totals
+    same = t.train_memory_estimate_mb - 2 * t.params * 4 / 1e6  # less the weights and the momentum
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"measured {t.measured_peak_mb:,.1f} MB above the weights" in out
+    assert f"against {same:,.1f} MB estimated for the same (2 × activations + gradients)" in out
+    assert 0.5 < t.measured_peak_mb / same < 1.5  # they count the same things
+
+
 def test_default_input_is_the_models_native_size():
     """Without data.image_size, each net is profiled at its native size (VGG16 accepts 32×32 too, but is
     224)."""

@@ -250,7 +250,7 @@ def test_run_prints_the_table_and_needs_a_sweep_dir(sweep, capsys):
 def test_python_m_cvarch_quadrants_prints_the_table_and_the_sweep_last(sweep, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    command = [sys.executable, "-m", "cvarch", "quadrants"]
+    command = [sys.executable, "-m", "cvarch.quadrants"]
     proc = subprocess.run(
         [*command, f"sweep_dir={sweep}"], cwd=cwd, capture_output=True, text=True, timeout=300
     )
@@ -260,7 +260,7 @@ def test_python_m_cvarch_quadrants_prints_the_table_and_the_sweep_last(sweep, tm
     assert (sweep / "quadrants.md").read_text() in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == str(sweep)
     assert not list(cwd.iterdir()) and not (sweep / ".hydra").exists()  # Hydra wrote nothing of its own
-    proc = run_main("python -m cvarch quadrants")  # in this process: the same exit status and message
+    proc = run_main("python -m cvarch.quadrants")  # in this process: the same exit status and message
     assert proc.returncode != 0 and "Missing mandatory value: sweep_dir" in proc.stderr
 
 
@@ -304,7 +304,7 @@ def test_on_multirun_start_trains_the_source_and_copies_its_best_checkpoint(tmp_
     monkeypatch.setattr(quadrants.subprocess, "run", fake_run)
     source = ["experiment=transfer_source", "trainer=gpu"]
     QuadrantsCallback(source=source).on_multirun_start(callback_config(sweep))
-    command = [sys.executable, "-m", "cvarch", "train", *source, f"hydra.run.dir={sweep / 'source'}"]
+    command = [sys.executable, "-m", "cvarch.train", *source, f"hydra.run.dir={sweep / 'source'}"]
     assert commands == [command]
     assert (sweep / "source.ckpt").read_bytes() == b"best weights"
 
