@@ -82,8 +82,7 @@ def test_cli_writes_the_csv_both_plots_and_fills_top1_from_a_results_csv(tmp_pat
         [
             sys.executable,
             "-m",
-            "cvarch",
-            "compare",
+            "cvarch.compare",
             f"models=[{','.join(SMALL)}]",
             *FAST_CLI,
             f"results={published}",
