@@ -433,3 +433,21 @@ def test_progress_bar_shows_the_runs_eta(tmp_path):
     trainer.fit(_Regression())
     assert len(shown) == 3 and shown[-1] == "0:00:00"  # the last step: nothing left
     assert all(eta.count(":") == 2 for eta in shown)  # h:mm:ss
+
+
+def test_callbacks_early_stopping_stops_a_run_whose_optimized_metric_stalls(compose_tmp):
+    """callbacks=early_stopping watches optimized_metric: at lr 1e-12 val/acc never improves, so a 6-epoch run
+    with patience 1 stops after its second validation."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    from cvarch.build import build_trainer
+
+    tiny = ("model=mlp", "model.depth=1", "model.width=16", "data.train_per_class=3", "logger=none")
+    cfg = compose_tmp(*tiny, "callbacks=early_stopping", "callbacks.early_stopping.patience=1",
+                      "trainer.max_epochs=6", "optimizer.lr=1e-12", "scheduler=none")  # fmt: skip
+    (stopper,) = [c for c in build_trainer(cfg, start=False).callbacks if isinstance(c, EarlyStopping)]
+    assert stopper.monitor == "val/acc" and stopper.mode == "max"
+    assert compose_tmp(
+        "callbacks=early_stopping", "optimized_metric=val/acc_top5"
+    ).callbacks.early_stopping.monitor == ("val/acc_top5")
+    assert cvarch.train(cfg)["epochs"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -80,3 +81,13 @@ def test_choices_are_hydras_group_choices_without_hydras_own(monkeypatch):
     )
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(runtime=runtime)))
     assert extras.choices() == {"model": "resnet56", "norm": "none"}
+
+
+def test_conf_local_is_an_optional_last_group_and_its_yaml_is_git_ignored():
+    from cvarch.config import CONFIG_DIR
+
+    root = (Path(CONFIG_DIR) / "train.yaml").read_text()
+    defaults = root[root.index("defaults:") : root.index("\n\n")]
+    assert "- optional local: default" in defaults  # a missing conf/local/default.yaml is no error
+    assert defaults.index("optional local") > defaults.index("optional debug")  # after every group
+    assert "/conf/local/*.yaml" in (Path(CONFIG_DIR).parent / ".gitignore").read_text().splitlines()
