@@ -515,21 +515,7 @@ class RandomResizedCrop(AugmentOp):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Integer windows ``(top, left, height, width)``, float (N,) each, drawn as torchvision does."""
         n, _, h, w = x.shape
-        area = (
-            h
-            * w
-            * (
-                self.scale[0]
-                + (self.scale[1] - self.scale[0])
-                * torch.rand(n, self.tries, generator=generator, device=x.device)
-            )
-        )
-        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
-        aspect = torch.exp(
-            log_low + (log_high - log_low) * torch.rand(n, self.tries, generator=generator, device=x.device)
-        )
-        width = (area * aspect).sqrt().round()
-        height = (area / aspect).sqrt().round()
+        width, height = box_tries(x, self.scale, self.ratio, self.tries, generator)
         fits = (width > 0) & (width <= w) & (height > 0) & (height <= h)
         first = fits.float().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
         found = fits.any(dim=1)
@@ -881,20 +867,7 @@ class RandomErasing(AugmentOp):
         self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, h, w = x.shape
-        area = (
-            h
-            * w
-            * (
-                self.scale[0]
-                + (self.scale[1] - self.scale[0])
-                * torch.rand(n, self.tries, generator=generator, device=x.device)
-            )
-        )
-        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
-        aspect = torch.exp(
-            log_low + (log_high - log_low) * torch.rand(n, self.tries, generator=generator, device=x.device)
-        )
-        height, width = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+        height, width = box_tries(x, self.scale, self.ratio, self.tries, generator)  # torchvision: h = √(a·r)
         fits = (height < h) & (width < w)  # torchvision's strict test
         first = fits.float().argmax(dim=1, keepdim=True)  # the first try that fits
         height, width = height.gather(1, first).squeeze(1), width.gather(1, first).squeeze(1)
@@ -907,6 +880,29 @@ class RandomErasing(AugmentOp):
             noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             return torch.where(mask, noise, x), y
         return x.masked_fill(mask, self.value), y
+
+
+def box_tries(
+    x: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    tries: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tries`` candidate boxes per image as torchvision draws them (RandomResizedCrop, RandomErasing): an
+    area uniform in ``scale`` × the image's, an aspect log-uniform in ``ratio``; returns the rounded sides
+    ``(√(area·aspect), √(area/aspect))``, float (N, tries) each."""
+    n, _, h, w = x.shape
+    area = (
+        h
+        * w
+        * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=generator, device=x.device))
+    )
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(
+        log_low + (log_high - log_low) * torch.rand(n, tries, generator=generator, device=x.device)
+    )
+    return (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
 
 
 def sample_beta(alpha: float, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
