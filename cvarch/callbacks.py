@@ -731,7 +731,7 @@ class ModelSummary(RichModelSummary):
             ("FLOPs", [get_human_readable_count(row["flops"]) for row in rows]),
         ]
         if sized:  # one image's output, C×H×W: one short column, so a row fits an 80-column console
-            data.append(("Output", [_shape_text(r["out_size"]) for r in rows]))
+            data.append(("Out sizes", [_shape_text(r["out_size"]) for r in rows]))  # Lightning's column name
         params = list(model.parameters())
         modes = [m.training for m in model.modules()][1:]
         self.summarize(

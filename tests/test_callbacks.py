@@ -406,7 +406,7 @@ def test_model_summary_lists_the_models_layers_with_2x_count_macs_flops(monkeypa
         assert kwargs["total_flops"] == 2 * macs
         assert columns["Name"] == [row["name"] for row in rows] and "train_acc" not in columns["Name"]
         assert total == trainable == sum(p.numel() for p in model.parameters())
-        assert columns["Output"][-1] == "10" and columns["Output"][0] == "16×8×8"  # conv1: 16 channels, 8×8
+        assert columns["Out sizes"][-1] == "10" and columns["Out sizes"][0] == "16×8×8"  # conv1
         assert sum(modes.values()) == len(list(model.modules())) - 1
     assert len(printed) == 2
 
