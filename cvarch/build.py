@@ -6,9 +6,9 @@ import inspect
 import os
 import traceback
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -219,6 +219,45 @@ def build_from_checkpoint(
     module.load_state_dict(ckpt["state_dict"], strict=True)
     module.set_image_size(image_shape[-1])
     return module
+
+
+class Trained(NamedTuple):
+    """A trained checkpoint rebuilt for evaluation (:func:`build_trained`)."""
+
+    module: ClassificationModule  # model, fitted preprocess and norm statistics, on the CPU
+    datamodule: ImageDataModule  # set up for testing: every split can be loaded
+    ckpt: dict[str, Any]  # the loaded checkpoint
+    data_cfg: DictConfig  # the data config used: the given one or the run's own
+
+
+def build_trained(
+    ckpt_path: str | Path,
+    data: DictConfig | None = None,
+    tta: DictConfig | None = None,
+    trust: Sequence[str] | None = (),
+    key: str = "ckpt_path",
+) -> Trained:
+    """Loads a ``cvarch-train`` checkpoint and rebuilds its module and data for evaluation: the one path of
+    ``cvarch-eval``, ``cvarch-ensemble`` and ``cvarch-compress``. The saved config is data, checked by
+    :func:`cvarch.checkpoint.load_trained` before anything is built from it; a checkpoint trained for another
+    number of classes than the data has is refused (:func:`cvarch.checkpoint.check_classes`).
+
+    Args:
+        ckpt_path: the ``.ckpt`` file.
+        data: a ``data`` group node to evaluate on instead of the run's own.
+        tta: a ``tta`` group node; ``None`` keeps the run's own test-time views.
+        trust: the live invocation's ``trust`` packages.
+        key: the config key that named the file, for messages.
+    """
+    from cvarch.checkpoint import check_classes, load_trained
+
+    ckpt, run_cfg = load_trained(ckpt_path, trust, key=key)
+    data_cfg = OmegaConf.create(OmegaConf.to_container(data if data else run_cfg.data, resolve=True))
+    check_classes(ckpt, ckpt_path, data_cfg.num_classes, key=key)
+    datamodule = build_datamodule(OmegaConf.create({"data": data_cfg}))
+    datamodule.setup("test")
+    module = build_from_checkpoint(ckpt, run_cfg, datamodule.image_shape, tta=tta)
+    return Trained(module, datamodule, ckpt, data_cfg)
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:

@@ -21,9 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from hydra.core.global_hydra import GlobalHydra
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure  # no pyplot: Agg canvas, no display, no global backend switch
@@ -35,7 +33,7 @@ from rich.table import Table
 from torch import nn
 
 from cvarch.build import build_all, build_model
-from cvarch.config import compose
+from cvarch.config import compose_nested
 from cvarch.cost import profile_model
 from cvarch.models import CIFAR_SIZE, meta_forward, native_size
 from cvarch.plots import figure, legend_beside, save
@@ -192,15 +190,6 @@ def describe_results(results: str | Path | None) -> str:
     return f"top-1: published figures from {results}"
 
 
-def _model_config(*overrides: str) -> DictConfig:
-    """``cvarch.compose`` of the train config; inside ``cvarch-compare``'s ``@hydra.main``
-    (:mod:`cvarch.cli`), where Hydra is already initialized on the same conf/ folder and a second
-    initialization is refused, that instance composes."""
-    if GlobalHydra.instance().is_initialized():
-        return hydra.compose(config_name="train", overrides=list(overrides))
-    return compose(*overrides)
-
-
 def compare(
     models: Sequence[str],
     batch_sizes: Sequence[int] = (1, 8, 32),
@@ -247,7 +236,7 @@ def compare(
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     rows = []
     for name in models:
-        cfg = _model_config(f"model={name}", "data.channels=3")
+        cfg = compose_nested(f"model={name}", "data.channels=3")
         classes = num_classes or native_num_classes(cfg.model)
         cfg.data.num_classes = classes  # the model's num_classes interpolates it
         size = image_size or native_size(cfg.model)

@@ -54,6 +54,23 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
     return cfg
 
 
+def compose_nested(*overrides: str, config_name: str = "train") -> DictConfig:
+    """:func:`compose` for a tool that builds other models of the zoo beside its own (``cvarch-compare``'s
+    models, ``cvarch-compress``'s reference): inside a console script, whose ``@hydra.main`` has already
+    initialized Hydra on the same conf/ folder and refuses a second initialization, that instance composes
+    (without a run directory).
+
+    Args:
+        *overrides: Hydra overrides, e.g. ``"model=alexnet"``.
+        config_name: root config.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return compose(*overrides, config_name=config_name)
+
+
 @contextlib.contextmanager
 def plain_config_errors(tool: str) -> Iterator[None]:
     """Around a console script's work: a config error of a single run ends it with ``<tool>: <message>`` on

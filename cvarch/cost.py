@@ -80,6 +80,8 @@ class Row:
         macs: multiply-accumulates per image (FlopCounterMode's FLOPs of the layer's call / 2).
         rf: receptive field side on the input, in pixels.
         jump: distance on the input between neighbouring outputs (the product of the strides).
+        depth: convolutions and linear layers on the longest path from the input to this output, this one
+            included (Szegedy et al. 2014 §5: "22 layers deep when counting only layers with parameters").
     """
 
     name: str
@@ -93,6 +95,7 @@ class Row:
     macs: int
     rf: int
     jump: int
+    depth: int
 
 
 @dataclass
@@ -102,6 +105,8 @@ class Totals:
     Args:
         input_shape: (C, H, W) of the profiled input.
         output_shape: the model output without the batch dimension.
+        depth: convolutions and linear layers on the longest path from the input to the output, as the papers
+            name their nets: AlexNet 8, VGG16 16, GoogLeNet 22, ResNet-152 152, DenseNet-121 121.
         params: every parameter of the model, auxiliary heads included.
         params_no_bias: the same without biases.
         activations: sum of the rows' activations per image, input excluded.
@@ -119,6 +124,7 @@ class Totals:
 
     input_shape: tuple[int, int, int]
     output_shape: tuple[int, ...]
+    depth: int
     params: int
     params_no_bias: int
     activations: int
@@ -157,6 +163,7 @@ class _Field:
     rf: int
     jump: int
     side: int  # side of the map the tensor holds, or of the map it was flattened from
+    depth: int = 0  # convolutions and linear layers on the longest path from the input
 
 
 class _FieldTracker(TorchFunctionMode):
@@ -181,10 +188,12 @@ class _FieldTracker(TorchFunctionMode):
             f for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and (f := self.get(t))
         ]
         if inputs:
-            rf, jump, side = (max(getattr(f, k) for f in inputs) for k in ("rf", "jump", "side"))
+            rf, jump, side, depth = (
+                max(getattr(f, k) for f in inputs) for k in ("rf", "jump", "side", "depth")
+            )
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor) and id(t) not in self.fields:  # in-place ops keep their field
-                    self.set(t, _Field(rf, jump, t.shape[-1] if t.ndim == 4 else side))
+                    self.set(t, _Field(rf, jump, t.shape[-1] if t.ndim == 4 else side, depth))
         return out
 
 
@@ -265,7 +274,7 @@ def profile_model(
     tracker = _FieldTracker()
     counter = FlopCounterMode(display=False)
     names = {m: n for n, m in model.named_modules()}
-    rows = [_row("input", "Input", tuple(input_shape), 0, 0, 0, 1, 1, dtype)]
+    rows = [_row("input", "Input", tuple(input_shape), 0, 0, 0, 1, 1, 0, dtype)]
     flops_before: dict[nn.Module, int] = {}
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
@@ -278,13 +287,14 @@ def profile_model(
         x = args[0]
         f = tracker.get(x) or _Field(1, 1, x.shape[-1])
         window = _kernel_stride(module, x, y)
+        depth = f.depth + isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
         if window is not None:
             kernel, stride = window
-            out = _Field(f.rf + (kernel - 1) * f.jump, f.jump * stride, y.shape[-1])
+            out = _Field(f.rf + (kernel - 1) * f.jump, f.jump * stride, y.shape[-1], depth)
         elif isinstance(module, nn.Linear) and x.ndim == 2:  # a flattened side×side map: all of it
-            out = _Field(f.rf + (f.side - 1) * f.jump, f.jump * f.side, 1)
+            out = _Field(f.rf + (f.side - 1) * f.jump, f.jump * f.side, 1, depth)
         else:
-            out = _Field(f.rf, f.jump, y.shape[-1] if y.ndim == 4 else f.side)
+            out = _Field(f.rf, f.jump, y.shape[-1] if y.ndim == 4 else f.side, depth)
         tracker.set(y, out)
         if not _is_row(module, x, y, window):
             return
@@ -299,6 +309,7 @@ def profile_model(
                 flops // 2,
                 out.rf,
                 out.jump,
+                out.depth,
                 dtype,
             )
         )
@@ -325,6 +336,7 @@ def profile_model(
     totals = Totals(
         input_shape=tuple(input_shape),
         output_shape=tuple(y.shape[1:]),
+        depth=max(f.depth for t in tree_leaves(y) if isinstance(t, torch.Tensor) and (f := tracker.get(t))),
         params=n_params,
         params_no_bias=sum(p.numel() for n, p in all_params.items() if not n.endswith("bias")),
         activations=activations,
@@ -352,11 +364,23 @@ def _row(
     macs: int,
     rf: int,
     jump: int,
+    depth: int,
     dtype: torch.dtype,
 ) -> Row:
     n = math.prod(shape)
     return Row(
-        name, type_, shape, n, n * FP32_BYTES, n * dtype.itemsize, params, params_no_bias, macs, rf, jump
+        name,
+        type_,
+        shape,
+        n,
+        n * FP32_BYTES,
+        n * dtype.itemsize,
+        params,
+        params_no_bias,
+        macs,
+        rf,
+        jump,
+        depth,
     )
 
 

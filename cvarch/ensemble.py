@@ -20,8 +20,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cvarch.build import build_datamodule, build_from_checkpoint
-from cvarch.checkpoint import check_classes, load_trained
+from cvarch.build import build_trained
 from cvarch.config import check_received, plain_config_errors
 from cvarch.data import SPLITS
 from cvarch.runs import list_jobs, read_job
@@ -79,12 +78,8 @@ def predict(
     Returns:
         ``(probabilities (N, K), targets (N,), the data config used)``.
     """
-    ckpt, run_cfg = load_trained(ckpt_path, trust, key="runs")
-    data_cfg = OmegaConf.create(OmegaConf.to_container(data if data else run_cfg.data, resolve=True))
-    check_classes(ckpt, ckpt_path, data_cfg.num_classes, key="runs")
-    datamodule = build_datamodule(OmegaConf.create({"data": data_cfg}))
-    datamodule.setup("test")
-    module = build_from_checkpoint(ckpt, run_cfg, datamodule.image_shape, tta=tta).to(device).eval()
+    module, datamodule, _, data_cfg = build_trained(ckpt_path, data=data, tta=tta, trust=trust, key="runs")
+    module = module.to(device).eval()
     probs, targets = [], []
     for x, y in datamodule.dataloader(split):
         x = x.to(device)

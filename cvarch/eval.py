@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cvarch.build import build_datamodule, build_from_checkpoint, instantiate
-from cvarch.checkpoint import check_classes, load_trained, write_metrics
+from cvarch.build import build_trained, instantiate
+from cvarch.checkpoint import write_metrics
 from cvarch.config import plain_config_errors
 from cvarch.data import SPLITS
 
@@ -26,14 +26,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r} is not one of {SPLITS}")
-    ckpt, run_cfg = load_trained(cfg.ckpt_path, trust=cfg.get("trust"))
-    data_cfg = OmegaConf.create(
-        OmegaConf.to_container(cfg.data if cfg.get("data") else run_cfg.data, resolve=True)
+    module, datamodule, _, _ = build_trained(
+        cfg.ckpt_path, data=cfg.get("data"), tta=cfg.get("tta"), trust=cfg.get("trust")
     )
-    check_classes(ckpt, cfg.ckpt_path, data_cfg.num_classes)
-    datamodule = build_datamodule(OmegaConf.create({"data": data_cfg}))
-    datamodule.setup("test")
-    module = build_from_checkpoint(ckpt, run_cfg, datamodule.image_shape, tta=cfg.get("tta"))
     module.eval_split = cfg.split
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

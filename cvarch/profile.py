@@ -72,6 +72,7 @@ def print_table(prof: Profile, console: Console | None = None) -> None:
         else "not measured (measure_memory=false)"
     )
     console.print(
+        f"depth {t.depth} (conv and FC layers on the longest path) | "
         f"params {t.params:,} ({t.params_no_bias:,} without biases) | activations {t.activations:,} "
         f"({t.activations_mb:.1f} MB fp32), with input {t.activations_with_input:,} "
         f"({t.activations_with_input_mb:.1f} MB) | MACs {t.macs:,} | FLOPs {t.flops:,} "

@@ -71,6 +71,8 @@ CONSOLE_SCRIPTS = {  # console script -> its function in cvarch.cli (pyproject.t
     "cvarch-profile": "profile",
     "cvarch-compare": "compare",
     "cvarch-bench": "bench",
+    "cvarch-compress": "compress",
+    "cvarch-lecture": "lecture",
     "python -m cvarch.quadrants": "quadrants",
 }
 

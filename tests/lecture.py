@@ -1,20 +1,11 @@
-"""The lecture's cost figures (CS231n 2017 lecture 9) and the profiles the tests set against them."""
+"""The profiles the tests set against the lecture's cost figures (CS231n 2017 lecture 9); the slides'
+own values are in cvarch/lecture.py, which ``cvarch-lecture`` checks."""
 
 from __future__ import annotations
 
 import cvarch
 import cvarch.profile
 from cvarch.cost import Profile
-
-# Figures as the lecture slides quote them, next to the counted ones in tests/test_profile.py and the README.
-LECTURE = {
-    "vgg16_activations": 24_000_000,  # "TOTAL memory: 24M * 4 bytes ~= 96MB / image"
-    "vgg16_activation_mb": 96,
-    "vgg16_params": 138_000_000,  # "TOTAL params: 138M parameters"
-    "inception_naive_macs": 854_000_000,  # "Total: 854M ops"
-    "inception_reduced_macs": 358_000_000,  # "Total: 358M ops" (counts the 3×3 conv, 86.7M, twice)
-    "googlenet_fewer_params_than_alexnet": 12,  # "12x less params than AlexNet" (Szegedy 2016 §1: 5M vs 60M)
-}
 
 
 def profile(*overrides: str) -> Profile:

@@ -45,6 +45,29 @@ def test_stacked_3x3_convs_see_2n_plus_1(depth, rf):
     assert len(p.rows) == depth + 1  # in-place ReLUs add no row
 
 
+class TwoPaths(nn.Module):
+    """A residual block with a projection shortcut: two convs on the main path, one on the shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.downsample, self.norm = nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv2(self.conv1(x))) + self.downsample(x)
+
+
+def test_depth_counts_convs_and_linear_layers_on_the_longest_path():
+    """Szegedy et al. 2014 §5 ("22 layers … counting only layers with parameters"): norms and pools add
+    nothing, a parallel shortcut does not add to the main path."""
+    p = profile_model(conv_net(), (3, 32, 32))
+    assert [r.depth for r in p.rows] == [0, 1, 2, 3] and p.totals.depth == 3
+    block = profile_model(nn.Sequential(TwoPaths(), nn.MaxPool2d(2)), (4, 8, 8))
+    depths = {r.name: r.depth for r in block.rows}
+    assert depths == {"input": 0, "0.conv1": 1, "0.conv2": 2, "0.norm": 2, "0.downsample": 1, "1": 2}
+    assert block.totals.depth == 2
+
+
 def test_three_3x3_convs_cost_fewer_parameters_than_one_7x7():
     c = 16
     three = profile_model(stack(3, c), (c, 16, 16)).totals
