@@ -46,7 +46,7 @@ from cvarch.build import build_datamodule, build_model, instantiate
 from cvarch.callbacks import ACTIVATIONS, ActivationStats
 from cvarch.compress import Compression, deep_compression, reference_size
 from cvarch.config import compose_nested, plain_config_errors
-from cvarch.cost import MB, Profile, profile_model
+from cvarch.cost import FP32_BYTES, MB, Profile, measure_step_memory, profile_model
 
 REPRODUCED, ROUNDED, WRONG, PUBLISHED = "reproduced", "rounded", "wrong", "published"
 VERDICTS = (REPRODUCED, ROUNDED, WRONG, PUBLISHED)
@@ -470,6 +470,24 @@ def vgg16(lec: Lecture) -> Iterator[Row]:
         t.activations_with_input_mb,
         found=f"{t.activations_with_input_mb:.1f} MB",
         why=f"{t.activations_with_input:,} × 4 bytes = {t.activations_with_input_mb:.1f} MB (MB = 10⁶ bytes)",
+    )
+    torch.manual_seed(0)
+    cfg = compose_nested("model=vgg16", "data.channels=3", "data.num_classes=1000")
+    model = build_model(cfg, initialize=False)
+    peak, how = measure_step_memory(model, (3, 224, 224), batch_size=1)
+    del model
+    gradients = t.params * FP32_BYTES
+    backward = (peak - gradients) / (t.activations_with_input * FP32_BYTES)
+    yield row(
+        s,
+        "TOTAL memory: ... (only forward! ~*2 for bwd)",
+        "2",
+        backward,
+        found=f"{backward:.2f}×",
+        why=f"measured: one forward + backward peaks {peak / MB:,.1f} MB above the weights ({how}); less "
+        f"the weight gradients ({gradients / MB:,.1f} MB), {(peak - gradients) / MB:,.1f} MB, "
+        f"{backward:.2f}× the forward's activations: PyTorch frees each activation once its gradient is "
+        "computed. ×2 is the estimate's rule (cvarch-profile), a bound",
     )
     yield row(
         s, "TOTAL params: 138M parameters", "138M", t.params, why=f"with biases; {t.params_no_bias:,} without"
